@@ -1,0 +1,518 @@
+"""The ``certbench`` command line.
+
+Commands: ``run`` (a benchmark spec), ``train``, ``eval``, ``certify``, ``attack``,
+``defenses list|show``, ``leaderboard publish``, ``plot``. Shared options have one spelling
+everywhere (``--dataset``, ``--data-dir``, ``--model``, ``--checkpoint``, ``--defense``,
+``--norm``, ``--eps``, ``--limit``, ``--seed``, ``--device``, ``--batch-size``). Results
+print as a short table and, with ``--output FILE``, are written as JSON. Every error is one
+line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.errors import CertbenchError, ConfigError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_STORE = "runs/certbench.sqlite"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE a TOML literal (numbers, booleans, strings, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--param {text!r} must look like KEY=VALUE (e.g. sigma=0.25)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --param mechanism=laplace
+    return key, value
+
+
+def _params(items: Sequence[str] | None) -> dict[str, Any]:
+    return dict(_parse_param(t) for t in (items or []))
+
+
+def _print_table(rows: list[dict[str, Any]], *, file=sys.stdout) -> None:
+    if not rows:
+        print("(no rows)", file=file)
+        return
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _write_output(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    from bench.checkpoint import _atomic_write_bytes
+
+    _atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode())
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _dataset(args: argparse.Namespace):
+    from bench.data import load_dataset
+
+    return load_dataset(
+        args.dataset,
+        args.data_dir,
+        limit_train=getattr(args, "limit_train", None),
+        limit_test=getattr(args, "limit", None),
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _load_for_eval(args: argparse.Namespace, ds):
+    """A set-up defense from --checkpoint (certbench or plain .pth) or, without one, an error."""
+    from bench.runner import load_defense, resolve_device
+
+    device = resolve_device(args.device)
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint is required")
+    return load_defense(
+        args.checkpoint,
+        device=device,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        defense=args.defense,
+        params=_params(args.param),
+        model=args.model,
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.executors import run_spec
+    from bench.spec import load_spec
+
+    spec = load_spec(args.spec)
+    store_path = args.store or spec.store or DEFAULT_STORE
+    summary = run_spec(
+        spec,
+        store_path,
+        executor=args.executor,
+        device=args.device,
+        address=args.address,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    _print_table(summary["rows"])
+    print(
+        f"{summary['ran']} cell(s) run, {summary['skipped']} already stored; "
+        f"store: {store_path} ({time.perf_counter() - args._t0:.1f} s)",
+        file=sys.stderr,
+    )
+    _write_output(args.output, summary)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bench.runner import (
+        TrainSettings,
+        accuracy_of,
+        build_defense,
+        configure_threads,
+        predict_all,
+        resolve_device,
+        save_defense,
+        seed_everything,
+    )
+
+    configure_threads()
+    ds = _dataset(args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    d = build_defense(
+        args.defense,
+        _params(args.param),
+        args.model,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        device=device,
+    )
+    settings = TrainSettings.from_dict(
+        {
+            **d.train_defaults(),
+            **{
+                k: v
+                for k, v in dict(
+                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer
+                ).items()
+                if v is not None
+            },
+        }
+    )
+    from bench.runner import train
+
+    report = train(d, ds.x_train, ds.y_train, settings, seed=args.seed, progress=not args.quiet)
+    out = save_defense(args.out, d, model=args.model, dataset=args.dataset, train=vars(settings))
+    pred = predict_all(d, ds.x_test, seed=args.seed)
+    row = {
+        "defense": d.name,
+        "model": args.model,
+        "dataset": args.dataset,
+        "epochs": settings.epochs,
+        "final_loss": report.final_loss,
+        "test_accuracy": accuracy_of(pred, ds.y_test),
+        "train_seconds": report.seconds,
+        "checkpoint": str(out),
+    }
+    _print_table([row])
+    _write_output(args.output, row)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bench.runner import accuracy_of, configure_threads, predict_all
+
+    configure_threads()
+    ds = _dataset(args)
+    d, record = _load_for_eval(args, ds)
+    t0 = time.perf_counter()
+    pred = predict_all(d, ds.x_test, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    row = {
+        "dataset": args.dataset,
+        "model": record.get("model", args.model),
+        "defense": d.name,
+        "n_test": int(ds.y_test.numel()),
+        "accuracy": accuracy_of(pred, ds.y_test),
+        "eval_seconds": time.perf_counter() - t0,
+    }
+    _print_table([row])
+    _write_output(args.output, row)
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from bench.runner import accuracy_of, certify_all, configure_threads
+
+    configure_threads()
+    ds = _dataset(args)
+    if args.eps is not None and args.defense == "wong-kolter":
+        args.param = [*(args.param or []), f"certify_eps={args.eps}", f'norm="{args.norm}"']
+    d, record = _load_for_eval(args, ds)
+    if args.norm not in d.certifies:
+        raise ConfigError(
+            f"defense {d.name!r} certifies {list(d.certifies) or 'nothing'}, not --norm {args.norm}"
+        )
+    t0 = time.perf_counter()
+    cert = certify_all(
+        d, ds.x_test, norm=args.norm, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet
+    )
+    seconds = time.perf_counter() - t0
+    y = ds.y_test
+    radius = cert.radius(args.norm)
+    correct = cert.labels == y
+    eps = args.eps if args.eps is not None else 0.0
+    certified = correct & (radius >= eps) & (radius > 0)
+    row = {
+        "dataset": args.dataset,
+        "model": record.get("model", args.model),
+        "defense": d.name,
+        "norm": args.norm,
+        "eps": eps,
+        "n_test": int(y.numel()),
+        "accuracy": accuracy_of(cert.labels, y),
+        "certified_accuracy": float(certified.double().mean()),
+        "clean_error": 1 - accuracy_of(cert.labels, y),
+        "certified_error": 1 - float(certified.double().mean()),
+        "n_correct": int(correct.sum()),
+        "n_certified": int(certified.sum()),
+        "bound": cert.bound,
+        "seconds": seconds,
+    }
+    _print_table([row])
+    _write_output(args.output, row)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from attacks import attack, rescore
+    from bench.runner import accuracy_of, configure_threads
+
+    configure_threads()
+    ds = _dataset(args)
+    d, record = _load_for_eval(args, ds)
+    x, y = ds.x_test.to(d.device), ds.y_test.to(d.device)
+    rows = []
+    for eps in args.eps:
+        t0 = time.perf_counter()
+        x_adv = attack(
+            d, x, y, norm=args.norm, eps=eps, library=args.library, name=args.attack, seed=args.seed,
+            **_params(args.attack_param),
+        )
+        pred_adv, _ = rescore(d, x_adv, y, norm=args.norm, seed=args.seed, certify=False,
+                              batch_size=args.batch_size)
+        rows.append(
+            {
+                "defense": d.name,
+                "norm": args.norm,
+                "eps": eps,
+                "attack": f"{args.library}:{args.attack}",
+                "n": int(y.numel()),
+                "accuracy_under_attack": accuracy_of(pred_adv, y),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    _print_table(rows)
+    _write_output(args.output, {"rows": rows})
+    return 0
+
+
+def cmd_defenses(args: argparse.Namespace) -> int:
+    from bench.registry import broken_plugins, defense_package, get_defense_class, list_defenses
+
+    if args.action == "show":
+        cls = get_defense_class(args.name)
+        print(f"{cls.name}  ({cls.__module__}.{cls.__qualname__}, package {defense_package(cls.name)})")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        if doc:
+            print(f"  {doc[0]}")
+        print(f"  randomized: {cls.randomized}; certifies: {', '.join(cls.certifies) or '-'}; "
+              f"norms: {', '.join(cls.norms)}")
+        defaults = cls.param_defaults()
+        rows = [
+            {"parameter": n, "default": repr(defaults.get(n, "(required)")),
+             "meaning": cls.param_help.get(n, "")}
+            for n in cls.param_names()
+        ]
+        if rows:
+            _print_table(rows)
+        else:
+            print("  (no parameters)")
+        return 0
+    rows = [
+        {
+            "name": n,
+            "randomized": get_defense_class(n).randomized,
+            "certifies": ",".join(get_defense_class(n).certifies) or "-",
+            "package": defense_package(n),
+        }
+        for n in list_defenses(args.pattern)
+    ]
+    _print_table(rows)
+    for name, err in broken_plugins().items():
+        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import publish
+    from bench.store import Store
+
+    if not Path(args.store).is_file():
+        raise ConfigError(f"store {args.store} does not exist; run `certbench run SPEC` first")
+    paths = publish(Store(args.store), args.out, spec_name=args.spec_name)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from bench.plots import plot_boards
+    from bench.store import Store
+
+    if not Path(args.store).is_file():
+        raise ConfigError(f"store {args.store} does not exist; run `certbench run SPEC` first")
+    for p in plot_boards(Store(args.store), args.out, spec_name=args.spec_name):
+        print(p)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (and exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    if dataset:
+        p.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+        p.add_argument("--data-dir", default=None,
+                       help="directory with the dataset files (default: its standard location, "
+                            "e.g. /usr/share/datasets/fashion-mnist)")
+        p.add_argument("--limit", type=_positive_int, default=None, help="first N test examples")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and noise draws")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
+    p.add_argument("--model", default=None if checkpoint else "cnn",
+                   help="architecture name (see bench.models.list_models())")
+    p.add_argument("--defense", default=None if checkpoint else "undefended", help="defense name")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="defense hyper-parameter (repeatable), e.g. --param sigma=0.25")
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True,
+                       help="certbench checkpoint (.safetensors/.json) or a plain state-dict .pth")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per chunk")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="certbench",
+        description="Benchmark defenses against adversarial examples and publish leaderboards.",
+    )
+    from bench import __version__
+
+    parser.add_argument("--version", action="version", version=f"certbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run a benchmark spec (train → certify → attack → store)",
+                       description="Run every cell of a TOML benchmark spec; finished cells are "
+                                   "skipped, so a killed run resumes where it stopped.")
+    p.add_argument("spec", help="path to a TOML spec, e.g. configs/quick.toml")
+    p.add_argument("--store", default=None, help=f"SQLite results store (default: {DEFAULT_STORE})")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where cells run (ray needs the certbench[ray] extra)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--force", action="store_true", help="re-run cells that are already stored")
+    _common(p, dataset=False)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train one model under one defense and save a checkpoint",
+                       description="Train with the runner's loop and save safetensors + JSON.")
+    _common(p)
+    _model_opts(p, checkpoint=False)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
+    p.add_argument("--limit-train", type=_positive_int, default=None, help="first N training examples")
+    p.add_argument("--out", required=True, help="checkpoint path (NAME → NAME.safetensors + NAME.json)")
+    p.set_defaults(func=cmd_train, batch_size=None)
+
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset's test set",
+                       description="Conventional accuracy of a checkpoint (randomized defenses "
+                                   "predict by Monte Carlo).")
+    _common(p)
+    _model_opts(p, checkpoint=True)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("certify", help="certified accuracy of a checkpoint",
+                       description="Certify every test example; reports clean and certified "
+                                   "accuracy/error at --eps.")
+    _common(p)
+    _model_opts(p, checkpoint=True)
+    p.add_argument("--norm", choices=("l1", "l2", "linf"), default="l2")
+    p.add_argument("--eps", type=_nonneg_float, default=None, help="radius at which to report")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("attack", help="accuracy under attack of a checkpoint",
+                       description="Attack with expectation over noise and re-score with many draws.")
+    _common(p)
+    _model_opts(p, checkpoint=True)
+    p.add_argument("--norm", choices=("l1", "l2", "linf"), default="linf")
+    p.add_argument("--eps", type=_nonneg_float, nargs="+", required=True, help="attack budgets")
+    p.add_argument("--library", default="certbench", help="certbench, torchattacks, art, autoattack")
+    p.add_argument("--attack", default="pgd", help="attack name within the library")
+    p.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("defenses", help="list registered defenses or show one's parameters")
+    dsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = dsub.add_parser("list", help="name, randomized, certified norms, providing package")
+    q.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. '*smooth*'")
+    q = dsub.add_parser("show", help="parameters with defaults and their meaning")
+    q.add_argument("name")
+    p.set_defaults(func=cmd_defenses)
+
+    p = sub.add_parser("leaderboard", help="publish leaderboard CSVs from the store")
+    lsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = lsub.add_parser("publish", help="write leaderboards/<dataset>-<norm>.csv and results.csv")
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.add_argument("--out", default="leaderboards")
+    q.add_argument("--spec-name", default=None, help="only cells of this spec")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("plot", help="one PNG per leaderboard (curves vs radius, T and ε)")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--out", default="leaderboards")
+    p.add_argument("--spec-name", default=None)
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"certbench: warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``certbench`` console script; returns the exit status."""
+    t0 = time.perf_counter()
+    warnings.formatwarning = _one_line_warning
+    try:
+        args = build_parser().parse_args(argv)
+        args._t0 = t0
+        return int(args.func(args) or 0)
+    except CertbenchError as exc:
+        print(f"certbench: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("certbench: interrupted; finished cells are stored, re-run to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # last resort: one line, no traceback (CERTBENCH_DEBUG=1 shows it)
+        if os.environ.get("CERTBENCH_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"certbench: internal error: {type(exc).__name__}: {msg} "
+              "(set CERTBENCH_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

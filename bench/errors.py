@@ -1,0 +1,27 @@
+"""Exceptions that the CLI reports as one clear line on stderr (never a traceback)."""
+
+from __future__ import annotations
+
+
+class CertbenchError(Exception):
+    """Base class of every error certbench reports to a user as a single line."""
+
+
+class DataError(CertbenchError):
+    """A data file or directory is missing or malformed. The message names the file."""
+
+
+class ConfigError(CertbenchError):
+    """A spec, option or hyper-parameter is invalid. The message names the field."""
+
+
+class RegistryError(CertbenchError):
+    """An unknown or duplicate name in a registry (models, defenses, attacks)."""
+
+
+class CheckpointError(CertbenchError):
+    """A checkpoint cannot be read safely or does not match the architecture."""
+
+
+class NumericalError(CertbenchError):
+    """Training or evaluation produced NaN/inf; the cell is stopped instead of publishing it."""

@@ -1,0 +1,128 @@
+"""Noise layers and the hook through which the Monte Carlo engine supplies their noise.
+
+Every randomized defense (PixelDP, randomized smoothing, plugins) expresses its randomness
+as one or more :class:`NoiseLayer` modules inside its network. A noise layer adds
+``scale * z`` to its input, where ``z`` is *standard* noise (unit-variance Gaussian, or
+unit-scale Laplace with density ``exp(-|z|)/2``) of the input's shape.
+
+By default ``z`` comes from torch's global generator, which is what training and single
+forward passes (attacks) use. The sampling engine (:mod:`bench.sampling`) instead installs a
+*noise source* with :func:`noise_source`: a callable ``source(kind, shape, like) -> Tensor``
+that returns the pre-generated, per-example-seeded noise for the rows being evaluated. That
+makes certified results independent of batch size and of how a test set is sharded.
+
+Noise is on in ``train()`` and ``eval()`` mode alike: a randomized defense is randomized at
+prediction time, and attack libraries that call ``model.eval()`` must not switch it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+NOISE_KINDS = ("gaussian", "laplace")
+
+NoiseSource = Callable[[str, torch.Size, Tensor], Tensor]
+
+_SOURCE: contextvars.ContextVar[NoiseSource | None] = contextvars.ContextVar(
+    "certbench_noise_source", default=None
+)
+
+
+def sample_standard(
+    kind: str,
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw standard noise of ``shape``: N(0, 1) for ``"gaussian"``, Laplace(0, 1) for ``"laplace"``.
+
+    The Laplace draw uses the inverse CDF of one uniform per element, so one generator call
+    produces each tensor (deterministic given the generator's state).
+    """
+    if kind == "gaussian":
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    if kind == "laplace":
+        u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+        v = u.mul_(2.0).sub_(1.0)  # uniform on [-1, 1)
+        mag = torch.log1p(-v.abs()).clamp_(min=torch.finfo(dtype).min).neg_()
+        mag = torch.where(torch.isfinite(mag), mag, torch.full_like(mag, 88.0))
+        return mag.mul_(torch.sign(v))
+    raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
+
+
+def standard_noise(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
+    """Standard noise for a noise layer: from the installed source, else from torch's RNG."""
+    source = _SOURCE.get()
+    if source is not None:
+        return source(kind, shape, like)
+    return sample_standard(kind, shape, dtype=like.dtype, device=like.device)
+
+
+@contextlib.contextmanager
+def noise_source(source: NoiseSource | None) -> Iterator[None]:
+    """Route every :class:`NoiseLayer` draw inside the ``with`` block through ``source``."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+class NoiseLayer(nn.Module):
+    """Adds ``multiplier * scale * z`` with ``z`` standard noise of ``kind``.
+
+    Args:
+        kind: ``"gaussian"`` (z ~ N(0, I)) or ``"laplace"`` (z_i ~ Laplace(0, 1), i.i.d.).
+        scale: the noise standard deviation (Gaussian) or Laplace scale b, in the units of the
+            layer's input (pixels in [0, 1] when placed on the image).
+        scale_fn: optional callable returning a scalar tensor that multiplies ``scale`` inside
+            the autograd graph (PixelDP's *optimise* sensitivity option: the noise follows the
+            current sensitivity of the pre-noise layer).
+
+    ``multiplier`` is a training-only warm-up factor in (0, 1]; it is forced to 1 whenever the
+    layer is used for prediction through the sampling engine, and defaults to 1.
+    """
+
+    def __init__(
+        self, kind: str, scale: float, *, scale_fn: Callable[[], Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
+        if not scale >= 0.0:
+            raise ValueError(f"noise scale must be >= 0, got {scale!r}")
+        self.kind = kind
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.scale_fn = scale_fn
+        self.multiplier = 1.0
+
+    def effective_scale(self) -> Tensor:
+        """The scale actually applied (``scale``, times ``scale_fn()`` when given)."""
+        s = self.scale
+        if self.scale_fn is not None:
+            s = s * self.scale_fn()
+        return s
+
+    def forward(self, h: Tensor) -> Tensor:  # noqa: D102
+        z = standard_noise(self.kind, h.shape, h)
+        return h + (self.multiplier * self.effective_scale()).to(h.dtype) * z
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, scale={float(self.scale):.6g}"
+
+
+def noise_layers(model: nn.Module) -> list[NoiseLayer]:
+    """Every :class:`NoiseLayer` in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, NoiseLayer)]
+
+
+def is_randomized(model: nn.Module) -> bool:
+    """True if ``model`` contains at least one noise layer."""
+    return bool(noise_layers(model))

@@ -1,0 +1,185 @@
+"""Contract checks for defenses: ``check_defense(cls)`` (as sklearn's ``check_estimator``).
+
+certbench runs these over every registered defense; plugin authors run the same checks on
+theirs::
+
+    from bench.testing import check_defense
+    check_defense(MyDefense)                      # raises AssertionError on a violation
+
+    # or one pytest test per check:
+    @pytest.mark.parametrize("check", defense_checks(MyDefense), ids=lambda c: c.__name__)
+    def test_contract(check):
+        check()
+
+The checks use a small CNN on random 1×8×8 inputs in [0, 1] and the class's
+``check_params`` (small sample counts), so they take seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.checkpoint import load_tensors, save_checkpoint
+from bench.models import create_model
+from bench.noise import is_randomized
+from defenses.base import NORMS, Certificate, Defense, TrainProgress
+
+INPUT_SHAPE = (1, 8, 8)
+NUM_CLASSES = 4
+N = 6
+
+
+def _make(cls: type[Defense], params: dict[str, Any] | None, seed: int = 0) -> Defense:
+    torch.manual_seed(seed)
+    d = cls(**{**cls.check_params, **(params or {})})
+    model = create_model("cnn", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, width=4)
+    d.setup(model, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
+    return d
+
+
+def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((N, *INPUT_SHAPE), generator=g)
+    y = torch.randint(0, NUM_CLASSES, (N,), generator=g)
+    return x, y
+
+
+def check_capabilities(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """Class attributes are well-formed: kebab-case name, known norms, bool flags."""
+    assert cls.name, f"{cls.__name__} has no registry name (use @register_defense)"
+    assert isinstance(cls.randomized, bool), "randomized must be a bool"
+    for attr in ("certifies", "norms"):
+        vals = getattr(cls, attr)
+        assert isinstance(vals, tuple), f"{attr} must be a tuple"
+        unknown = set(vals) - set(NORMS)
+        assert not unknown, f"{attr} has unknown norms {unknown}; allowed {NORMS}"
+
+
+def check_params_round_trip(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """``__init__`` stores keyword-only parameters unchanged; ``get_params`` reads them back."""
+    p = {**cls.check_params, **(params or {})}
+    d = cls(**p)
+    got = d.get_params()
+    assert set(got) == set(cls.param_names()), "get_params() must return every __init__ parameter"
+    for k, v in p.items():
+        assert got[k] == v, f"parameter {k!r} was not stored unchanged ({got[k]!r} != {v!r})"
+    clone = cls(**got)
+    assert clone.get_params() == got, "cls(**d.get_params()) must reproduce the parameters"
+
+
+def check_shapes_and_training(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """logits (N, K); a finite scalar training loss with gradients; after_step runs."""
+    d = _make(cls, params)
+    x, y = _data()
+    logits = d.logits(x)
+    assert logits.shape == (N, NUM_CLASSES), f"logits shape {tuple(logits.shape)}"
+    d.model_.train()
+    prog = TrainProgress(step=0, total_steps=10, epoch=0, epochs=1)
+    loss = d.training_loss(x, y, prog)
+    assert loss.dim() == 0 and torch.isfinite(loss), f"training loss must be a finite scalar: {loss}"
+    loss.backward()
+    grads = [p.grad for p in d.model_.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "the loss has no gradient"
+    d.after_step(prog)
+    d.model_.eval()
+
+
+def check_randomness(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """A randomized defense varies across draws; a deterministic one does not."""
+    d = _make(cls, params)
+    x, _ = _data()
+    with torch.no_grad():
+        a, b = d.logits(x), d.logits(x)
+    if cls.randomized:
+        assert is_randomized(d.model_) or not torch.equal(a, b), (
+            "randomized=True but two forward passes are identical"
+        )
+        assert not torch.equal(a, b), "randomized defense: logits do not vary across draws"
+    else:
+        assert torch.allclose(a, b), "deterministic defense: logits vary across calls"
+
+
+def check_predict_deterministic(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """predict: (N,) int64 labels in [-1, K); identical for a fixed seed whatever the batch size."""
+    d = _make(cls, params)
+    x, _ = _data()
+    p1 = d.predict(x, seed=3)
+    assert p1.shape == (N,) and p1.dtype == torch.int64, f"predict -> {p1.shape} {p1.dtype}"
+    assert int(p1.min()) >= -1 and int(p1.max()) < NUM_CLASSES, "labels out of range"
+    p2 = d.predict(x, seed=3)
+    assert torch.equal(p1, p2), "predict is not deterministic for a fixed seed"
+    parts = torch.cat([d.predict(x[:2], seed=3, indices=torch.arange(0, 2)),
+                       d.predict(x[2:], seed=3, indices=torch.arange(2, N))])
+    assert torch.equal(p1, parts), "predict depends on how the inputs are split into batches"
+
+
+def check_certificates(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """certify: labels (N,), radii (N,) float64, finite, >= 0, and 0 where abstaining."""
+    d = _make(cls, params)
+    x, _ = _data()
+    for norm in cls.certifies or ("l2",):
+        c = d.certify(x, norm=norm, seed=5)
+        assert isinstance(c, Certificate), "certify must return a Certificate"
+        assert c.labels.shape == (N,) and c.labels.dtype == torch.int64
+        r = c.radius(norm)
+        assert r.shape == (N,) and r.dtype == torch.float64, f"radius {r.shape} {r.dtype}"
+        assert torch.isfinite(r).all() and (r >= 0).all(), f"radii must be finite and >= 0: {r}"
+        assert (r[c.labels == -1] == 0).all(), "an abstention must have radius 0"
+        again = d.certify(x, norm=norm, seed=5)
+        assert torch.equal(c.labels, again.labels) and torch.equal(r, again.radius(norm)), (
+            "certify is not deterministic for a fixed seed"
+        )
+        if norm not in cls.certifies:
+            assert (r == 0).all(), "a non-certifying defense must report radius 0"
+
+
+def check_save_load(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """state_dict → safetensors → a fresh instance gives identical predictions."""
+    d = _make(cls, params, seed=0)
+    x, _ = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ck"
+        save_checkpoint(path, d.state_dict(), {"defense": cls.name})
+        d2 = _make(cls, params, seed=123)
+        d2.load_state_dict(load_tensors(path.with_suffix(".safetensors")))
+    assert torch.equal(d.predict(x, seed=9), d2.predict(x, seed=9)), (
+        "predictions differ after a save/load round trip"
+    )
+
+
+CHECKS: tuple[Callable[..., None], ...] = (
+    check_capabilities,
+    check_params_round_trip,
+    check_shapes_and_training,
+    check_randomness,
+    check_predict_deterministic,
+    check_certificates,
+    check_save_load,
+)
+
+
+def defense_checks(
+    cls: type[Defense], params: dict[str, Any] | None = None
+) -> list[Callable[[], None]]:
+    """One zero-argument callable per check (named after it), for ``pytest.mark.parametrize``."""
+    out = []
+    for chk in CHECKS:
+        f = functools.partial(chk, cls, params)
+        functools.update_wrapper(f, chk)
+        out.append(f)
+    return out
+
+
+def check_defense(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """Run every contract check on ``cls``; raises AssertionError naming the first violation."""
+    for chk in CHECKS:
+        try:
+            chk(cls, params)
+        except AssertionError as exc:
+            raise AssertionError(f"{cls.__name__} fails {chk.__name__}: {exc}") from exc

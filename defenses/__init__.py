@@ -1,0 +1,13 @@
+"""Built-in defenses, one module per defense; each registers itself with ``@register_defense``.
+
+They are found through the ``certbench.defenses`` entry-point group like any third-party
+plugin (see :mod:`bench.registry`).
+"""
+
+BUILTIN_MODULES = (
+    "defenses.undefended",
+    "defenses.pixeldp",
+    "defenses.smoothing",
+    "defenses.madry",
+    "defenses.wong_kolter",
+)

@@ -1,0 +1,219 @@
+"""The Defense contract: what the runner, the metrics and the attack adapters rely on.
+
+A defense is a small class that supplies only what differs between defenses; the runner
+(:mod:`bench.runner`) owns every loop (epochs, batches, noise draws, progress, checkpoints).
+
+Lifecycle, as the runner drives it::
+
+    defense = create_defense("pixeldp", epsilon=1.0, ...)   # keyword-only hyper-parameters
+    defense.setup(model, input_shape=(1, 28, 28), num_classes=10)  # builds defense.model_
+    for each step:                                           # runner's training loop
+        loss = defense.training_loss(x, y, progress)
+        loss.backward(); optimizer.step(); defense.after_step(progress)
+    defense.predict(x)  /  defense.certify(x, norm="l2")     # runner's evaluation loop
+
+Conventions shared by every method:
+
+* inputs ``x`` are float tensors of shape ``(N, C, H, W)`` with pixels in ``[0, 1]`` and no
+  normalisation applied (a model may normalise inside itself, after any noise layer);
+* labels are ``int64`` tensors of shape ``(N,)``; ``-1`` means *abstain* and counts as wrong;
+* radii are ``float64`` tensors of shape ``(N,)`` in input (pixel) units for the named norm,
+  ``0`` when nothing is certified;
+* ``seed`` plus the global example ``indices`` fix every noise draw, so results do not depend
+  on batch size or on how the test set is sharded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ABSTAIN = -1
+NORMS = ("l1", "l2", "linf")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where the runner's training loop is: global ``step`` of ``total_steps``, ``epoch`` of ``epochs``.
+
+    ``fraction`` is ``step / total_steps`` in [0, 1] (used by ramp-up schedules).
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass
+class Certificate:
+    """Per-example certified predictions.
+
+    Attributes:
+        labels: ``(N,)`` int64, the (smoothed / noisy-expectation) prediction, ``-1`` = abstain.
+        radii: norm name (``"l1"``, ``"l2"``, ``"linf"``) -> ``(N,)`` float64 certified radius
+            in input units; the prediction provably does not change for any perturbation of
+            smaller norm (with probability ``>= 1 - alpha`` for Monte Carlo certificates).
+            ``0`` where nothing is certified or the prediction abstains.
+        bound: short label of the bound that produced ``radii`` (e.g. ``"pixeldp-argmax"``,
+            ``"cohen-gaussian"``, ``"wong-kolter-dual"``).
+        extra: further labelled per-example tensors (e.g. alternative bounds, counts).
+    """
+
+    labels: Tensor
+    radii: dict[str, Tensor]
+    bound: str = ""
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def radius(self, norm: str) -> Tensor:
+        """Certified radius for ``norm``; zeros if this certificate says nothing about it."""
+        if norm in self.radii:
+            return self.radii[norm]
+        return torch.zeros(self.labels.shape, dtype=torch.float64)
+
+
+class Defense:
+    """Base class of every defense. Subclass it, declare capabilities, override what differs.
+
+    Class attributes (capabilities):
+        name: unique kebab-case registry name (set by ``@register_defense``).
+        randomized: noise at prediction time; attacks then average gradients over draws and
+            predictions use Monte Carlo estimates.
+        certifies: norms for which :meth:`certify` returns a non-trivial radius.
+        norms: threat-model norms the defense is designed for (training-time).
+        param_help: one line per hyper-parameter, shown by ``certbench defenses show``.
+        check_params: small-sample hyper-parameters used by the contract checks.
+
+    ``__init__`` must take keyword-only hyper-parameters with defaults and store each
+    unchanged under the same attribute name (scikit-learn's convention), so that
+    :meth:`get_params` can read them back; they become the run record.
+    """
+
+    name: ClassVar[str] = ""
+    randomized: ClassVar[bool] = False
+    certifies: ClassVar[tuple[str, ...]] = ()
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    param_help: ClassVar[dict[str, str]] = {}
+    #: Hyper-parameters that keep :func:`bench.testing.check_defense` fast (e.g. few draws).
+    check_params: ClassVar[dict[str, Any]] = {}
+
+    model_: nn.Module
+    input_shape_: tuple[int, ...]
+    num_classes_: int
+
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """Names of the keyword-only hyper-parameters of ``__init__``."""
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """Hyper-parameter defaults as declared in ``__init__``."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            n: sig.parameters[n].default
+            for n in cls.param_names()
+            if sig.parameters[n].default is not inspect.Parameter.empty
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyper-parameters, exactly as passed to ``__init__``."""
+        return {n: getattr(self, n) for n in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------ building
+    def build(self, model: nn.Module) -> nn.Module:
+        """Return the network this defense trains and evaluates (default: ``model`` itself).
+
+        Randomized defenses insert :class:`bench.noise.NoiseLayer` modules here.
+        ``self.input_shape_`` and ``self.num_classes_`` are already set.
+        """
+        return model
+
+    def setup(
+        self, model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int
+    ) -> Defense:
+        """Attach the defense to ``model`` (inputs of ``input_shape`` = (C, H, W), in [0, 1])."""
+        self.input_shape_ = tuple(int(s) for s in input_shape)
+        self.num_classes_ = int(num_classes)
+        self.model_ = self.build(model)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.model_.parameters():
+            return t.device
+        for t in self.model_.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ training hooks
+    def training_loss(self, x: Tensor, y: Tensor, progress: TrainProgress) -> Tensor:
+        """Scalar loss for one batch (default: cross-entropy of one forward pass)."""
+        return F.cross_entropy(self.model_(x), y)
+
+    def after_step(self, progress: TrainProgress) -> None:  # noqa: B027 - optional hook
+        """Called after every optimiser step (e.g. to project weights)."""
+
+    def train_defaults(self) -> dict[str, Any]:
+        """Optimiser/epoch defaults this defense suggests; the spec overrides them."""
+        return {}
+
+    # ------------------------------------------------------------------ prediction
+    def logits(self, x: Tensor) -> Tensor:
+        """One differentiable forward pass, ``(N, K)`` logits (noisy if randomized)."""
+        return self.model_(x)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        x: Tensor,
+        *,
+        seed: int = 0,
+        indices: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """Predicted labels ``(N,)`` int64, ``-1`` to abstain. Default: argmax of one forward."""
+        self.model_.eval()
+        return self.logits(x).argmax(dim=1)
+
+    def certify(
+        self,
+        x: Tensor,
+        *,
+        norm: str,
+        seed: int = 0,
+        indices: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Certificate:
+        """Certified predictions for ``norm``. Non-certifying defenses return radius 0."""
+        labels = self.predict(x, seed=seed, indices=indices, batch_size=batch_size)
+        zeros = torch.zeros(labels.shape, dtype=torch.float64)
+        return Certificate(labels=labels, radii={norm: zeros}, bound="none")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors to checkpoint (default: the defended network's state dict)."""
+        return self.model_.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_dict`; raises on missing or unexpected keys."""
+        self.model_.load_state_dict(state, strict=True)

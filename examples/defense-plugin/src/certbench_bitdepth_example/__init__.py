@@ -1,0 +1,1 @@
+"""Example certbench plugin package."""
