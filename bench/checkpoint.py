@@ -120,9 +120,7 @@ def check_state(own: dict[str, Tensor], state: dict[str, Tensor], *, source: str
         if missing:
             parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
         if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
+            parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"{source}: does not match the architecture ({'; '.join(parts)})")
     for k, v in state.items():
         if own[k].shape != v.shape:

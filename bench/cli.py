@@ -15,11 +15,12 @@ import json
 import os
 import sys
 import time
-import tomllib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from bench.errors import CertbenchError, ConfigError
 
@@ -48,17 +49,18 @@ def _params(items: Sequence[str] | None) -> dict[str, Any]:
     return dict(_parse_param(t) for t in (items or []))
 
 
-def _print_table(rows: list[dict[str, Any]], *, file=sys.stdout) -> None:
+def _print_table(rows: list[dict[str, Any]], *, file=None) -> None:
+    file = file if file is not None else sys.stdout
     if not rows:
         print("(no rows)", file=file)
         return
     cols = list(rows[0])
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=file)
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)), file=file)
 
 
 def _fmt(v: Any) -> str:
@@ -185,7 +187,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             **{
                 k: v
                 for k, v in dict(
-                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    optimizer=args.optimizer,
                 ).items()
                 if v is not None
             },
@@ -218,7 +223,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = _dataset(args)
     d, record = _load_for_eval(args, ds)
     t0 = time.perf_counter()
-    pred = predict_all(d, ds.x_test, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    pred = predict_all(
+        d, ds.x_test, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet
+    )
     row = {
         "dataset": args.dataset,
         "model": record.get("model", args.model),
@@ -246,7 +253,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         )
     t0 = time.perf_counter()
     cert = certify_all(
-        d, ds.x_test, norm=args.norm, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet
+        d,
+        ds.x_test,
+        norm=args.norm,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
     seconds = time.perf_counter() - t0
     y = ds.y_test
@@ -281,17 +293,25 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     configure_threads()
     ds = _dataset(args)
-    d, record = _load_for_eval(args, ds)
+    d, _ = _load_for_eval(args, ds)
     x, y = ds.x_test.to(d.device), ds.y_test.to(d.device)
     rows = []
     for eps in args.eps:
         t0 = time.perf_counter()
         x_adv = attack(
-            d, x, y, norm=args.norm, eps=eps, library=args.library, name=args.attack, seed=args.seed,
+            d,
+            x,
+            y,
+            norm=args.norm,
+            eps=eps,
+            library=args.library,
+            name=args.attack,
+            seed=args.seed,
             **_params(args.attack_param),
         )
-        pred_adv, _ = rescore(d, x_adv, y, norm=args.norm, seed=args.seed, certify=False,
-                              batch_size=args.batch_size)
+        pred_adv, _ = rescore(
+            d, x_adv, y, norm=args.norm, seed=args.seed, certify=False, batch_size=args.batch_size
+        )
         rows.append(
             {
                 "defense": d.name,
@@ -313,16 +333,22 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 
     if args.action == "show":
         cls = get_defense_class(args.name)
-        print(f"{cls.name}  ({cls.__module__}.{cls.__qualname__}, package {defense_package(cls.name)})")
+        where = f"{cls.__module__}.{cls.__qualname__}, package {defense_package(cls.name)}"
+        print(f"{cls.name}  ({where})")
         doc = (cls.__doc__ or "").strip().splitlines()
         if doc:
             print(f"  {doc[0]}")
-        print(f"  randomized: {cls.randomized}; certifies: {', '.join(cls.certifies) or '-'}; "
-              f"norms: {', '.join(cls.norms)}")
+        print(
+            f"  randomized: {cls.randomized}; certifies: {', '.join(cls.certifies) or '-'}; "
+            f"norms: {', '.join(cls.norms)}"
+        )
         defaults = cls.param_defaults()
         rows = [
-            {"parameter": n, "default": repr(defaults.get(n, "(required)")),
-             "meaning": cls.param_help.get(n, "")}
+            {
+                "parameter": n,
+                "default": repr(defaults.get(n, "(required)")),
+                "meaning": cls.param_help.get(n, ""),
+            }
             for n in cls.param_names()
         ]
         if rows:
@@ -381,9 +407,12 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     if dataset:
         p.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
-        p.add_argument("--data-dir", default=None,
-                       help="directory with the dataset files (default: its standard location, "
-                            "e.g. /usr/share/datasets/fashion-mnist)")
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            help="directory with the dataset files (default: its standard location, "
+            "e.g. /usr/share/datasets/fashion-mnist)",
+        )
         p.add_argument("--limit", type=_positive_int, default=None, help="first N test examples")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and noise draws")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -392,14 +421,24 @@ def _common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
 
 
 def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
-    p.add_argument("--model", default=None if checkpoint else "cnn",
-                   help="architecture name (see bench.models.list_models())")
+    p.add_argument(
+        "--model",
+        default=None if checkpoint else "cnn",
+        help="architecture name (see bench.models.list_models())",
+    )
     p.add_argument("--defense", default=None if checkpoint else "undefended", help="defense name")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="defense hyper-parameter (repeatable), e.g. --param sigma=0.25")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="defense hyper-parameter (repeatable), e.g. --param sigma=0.25",
+    )
     if checkpoint:
-        p.add_argument("--checkpoint", required=True,
-                       help="certbench checkpoint (.safetensors/.json) or a plain state-dict .pth")
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="certbench checkpoint (.safetensors/.json) or a plain state-dict .pth",
+        )
     p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per chunk")
 
 
@@ -413,52 +452,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"certbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", help="run a benchmark spec (train → certify → attack → store)",
-                       description="Run every cell of a TOML benchmark spec; finished cells are "
-                                   "skipped, so a killed run resumes where it stopped.")
+    p = sub.add_parser(
+        "run",
+        help="run a benchmark spec (train → certify → attack → store)",
+        description="Run every cell of a TOML benchmark spec; finished cells are "
+        "skipped, so a killed run resumes where it stopped.",
+    )
     p.add_argument("spec", help="path to a TOML spec, e.g. configs/quick.toml")
     p.add_argument("--store", default=None, help=f"SQLite results store (default: {DEFAULT_STORE})")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="where cells run (ray needs the certbench[ray] extra)")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where cells run (ray needs the certbench[ray] extra)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--force", action="store_true", help="re-run cells that are already stored")
     _common(p, dataset=False)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train one model under one defense and save a checkpoint",
-                       description="Train with the runner's loop and save safetensors + JSON.")
+    p = sub.add_parser(
+        "train",
+        help="train one model under one defense and save a checkpoint",
+        description="Train with the runner's loop and save safetensors + JSON.",
+    )
     _common(p)
     _model_opts(p, checkpoint=False)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
-    p.add_argument("--limit-train", type=_positive_int, default=None, help="first N training examples")
-    p.add_argument("--out", required=True, help="checkpoint path (NAME → NAME.safetensors + NAME.json)")
+    p.add_argument(
+        "--limit-train", type=_positive_int, default=None, help="first N training examples"
+    )
+    p.add_argument(
+        "--out", required=True, help="checkpoint path (NAME → NAME.safetensors + NAME.json)"
+    )
     p.set_defaults(func=cmd_train, batch_size=None)
 
-    p = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset's test set",
-                       description="Conventional accuracy of a checkpoint (randomized defenses "
-                                   "predict by Monte Carlo).")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a checkpoint on a dataset's test set",
+        description="Conventional accuracy of a checkpoint (randomized defenses "
+        "predict by Monte Carlo).",
+    )
     _common(p)
     _model_opts(p, checkpoint=True)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("certify", help="certified accuracy of a checkpoint",
-                       description="Certify every test example; reports clean and certified "
-                                   "accuracy/error at --eps.")
+    p = sub.add_parser(
+        "certify",
+        help="certified accuracy of a checkpoint",
+        description="Certify every test example; reports clean and certified "
+        "accuracy/error at --eps.",
+    )
     _common(p)
     _model_opts(p, checkpoint=True)
     p.add_argument("--norm", choices=("l1", "l2", "linf"), default="l2")
     p.add_argument("--eps", type=_nonneg_float, default=None, help="radius at which to report")
     p.set_defaults(func=cmd_certify)
 
-    p = sub.add_parser("attack", help="accuracy under attack of a checkpoint",
-                       description="Attack with expectation over noise and re-score with many draws.")
+    p = sub.add_parser(
+        "attack",
+        help="accuracy under attack of a checkpoint",
+        description="Attack with expectation over noise and re-score with many draws.",
+    )
     _common(p)
     _model_opts(p, checkpoint=True)
     p.add_argument("--norm", choices=("l1", "l2", "linf"), default="linf")
     p.add_argument("--eps", type=_nonneg_float, nargs="+", required=True, help="attack budgets")
-    p.add_argument("--library", default="certbench", help="certbench, torchattacks, art, autoattack")
+    p.add_argument(
+        "--library", default="certbench", help="certbench, torchattacks, art, autoattack"
+    )
     p.add_argument("--attack", default="pgd", help="attack name within the library")
     p.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_attack)
@@ -503,14 +567,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"certbench: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("certbench: interrupted; finished cells are stored, re-run to resume", file=sys.stderr)
+        print(
+            "certbench: interrupted; finished cells are stored, re-run to resume", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # last resort: one line, no traceback (CERTBENCH_DEBUG=1 shows it)
         if os.environ.get("CERTBENCH_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"certbench: internal error: {type(exc).__name__}: {msg} "
-              "(set CERTBENCH_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"certbench: internal error: {type(exc).__name__}: {msg} "
+            "(set CERTBENCH_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

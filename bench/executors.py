@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.errors import ConfigError
@@ -118,9 +117,7 @@ def prepare_defense(cell, checkpoint_root: str | Path, *, device: torch.device, 
     return d, report.seconds
 
 
-def evaluate_shard(
-    d, cell, start: int, stop: int, *, progress: bool = False
-) -> dict[str, Any]:
+def evaluate_shard(d, cell, start: int, stop: int, *, progress: bool = False) -> dict[str, Any]:
     """Stage 2: per-example results for test examples ``[start, stop)``.
 
     Returns ``{"y", "pred", "radius" (or None), "adv": {eps: (pred_adv, radius_adv|None)}}``
@@ -133,8 +130,14 @@ def evaluate_shard(
     certifies = cell.norm in d.certifies
     if certifies:
         cert = certify_all(
-            d, x, norm=cell.norm, seed=cell.seed, batch_size=CERTIFY_CHUNK,
-            eval_batch_size=eval_bs, progress=progress, offset=start,
+            d,
+            x,
+            norm=cell.norm,
+            seed=cell.seed,
+            batch_size=CERTIFY_CHUNK,
+            eval_batch_size=eval_bs,
+            progress=progress,
+            offset=start,
         )
         pred, radius = cert.labels, cert.radius(cell.norm)
     else:
@@ -156,15 +159,25 @@ def evaluate_shard(
                 xa = ds.x_test[a:b].to(d.device)
                 ya = ds.y_test[a:b].to(d.device)
                 x_adv = attack(
-                    d, xa, ya, norm=cell.norm, eps=float(eps),
+                    d,
+                    xa,
+                    ya,
+                    norm=cell.norm,
+                    eps=float(eps),
                     library=attack_cfg.get("library", "certbench"),
                     name=attack_cfg.get("name", "pgd"),
                     seed=_chunk_seed(cell.seed, a),
                     **dict(attack_cfg.get("params", {})),
                 )
                 p_adv, r_adv = rescore(
-                    d, x_adv, ya, norm=cell.norm, seed=cell.seed,
-                    indices=torch.arange(a, b), batch_size=eval_bs, certify=certifies,
+                    d,
+                    x_adv,
+                    ya,
+                    norm=cell.norm,
+                    seed=cell.seed,
+                    indices=torch.arange(a, b),
+                    batch_size=eval_bs,
+                    certify=certifies,
                 )
                 preds.append(p_adv.cpu())
                 radii.append(r_adv.cpu() if r_adv is not None else None)
@@ -178,6 +191,7 @@ def evaluate_shard(
 
 def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate shard outputs in test-set order."""
+
     def cat(key):
         vals = [s[key] for s in shards]
         return None if any(v is None for v in vals) else torch.cat(vals)
@@ -209,14 +223,18 @@ def finalise(cell, d_certifies: bool, merged: dict[str, Any]) -> dict[str, float
     if merged["adv"]:
         n_adv = min(v[0].numel() for v in merged["adv"].values())
         ms_adv = MetricSet(
-            radii=[], thresholds=list(cell.threat.get("thresholds", [])),
-            eps_list=sorted(merged["adv"]), certifies=d_certifies,
+            radii=[],
+            thresholds=list(cell.threat.get("thresholds", [])),
+            eps_list=sorted(merged["adv"]),
+            certifies=d_certifies,
         )
         ms_adv.update(
-            y=y[:n_adv], pred=pred[:n_adv],
+            y=y[:n_adv],
+            pred=pred[:n_adv],
             radius=None if radius is None else radius[:n_adv],
             pred_adv={e: v[0][:n_adv] for e, v in merged["adv"].items()},
-            radius_adv={e: v[1][:n_adv] for e, v in merged["adv"].items() if v[1] is not None} or None,
+            radius_adv={e: v[1][:n_adv] for e, v in merged["adv"].items() if v[1] is not None}
+            or None,
         )
         for k, v in ms_adv.compute().items():
             if "under_attack" in k:
@@ -282,6 +300,8 @@ def run_cell(
 
 
 def _summary_row(cell, result: dict[str, Any]) -> dict[str, Any]:
+    """One printed line per cell: accuracy, the largest-radius guaranteed accuracy, the
+    smallest-budget accuracy under attack (when present)."""
     m = result["metrics"]
     row: dict[str, Any] = {
         "defense": cell.label or cell.defense,
@@ -290,10 +310,12 @@ def _summary_row(cell, result: dict[str, Any]) -> dict[str, Any]:
         "seed": cell.seed,
         "accuracy": m.get("accuracy"),
     }
-    for prefix in ("guaranteed_accuracy@", "accuracy_under_attack@"):
-        keys = [k for k in m if k.startswith(prefix) and m[k] is not None]
-        if keys:
-            row[keys[-1] if prefix.startswith("guar") else keys[0]] = m[keys[-1] if prefix.startswith("guar") else keys[0]]
+    guaranteed = [k for k in m if k.startswith("guaranteed_accuracy@")]
+    attacked = [k for k in m if k.startswith("accuracy_under_attack@")]
+    if guaranteed:
+        row[guaranteed[-1]] = m[guaranteed[-1]]
+    if attacked:
+        row[attacked[0]] = m[attacked[0]]
     return row
 
 
@@ -308,46 +330,59 @@ def run_spec(
     progress: bool = True,
     shards: int | None = None,
 ) -> dict[str, Any]:
-    """Run every cell of ``spec`` not yet in the store; the driver writes each result."""
+    """Run every cell of ``spec`` not yet in the store; the driver writes each result.
+
+    A cell is stored in one transaction as soon as it finishes, so a run killed at any point
+    resumes with the unfinished cells only (``force`` re-runs and replaces stored cells).
+    """
     from bench.store import Store
 
     store = Store(store_path)
     cells = spec.cells()
     todo = [c for c in cells if force or not store.has(c.cell_id())]
-    skipped = len(cells) - len(todo)
-    ckroot = store.checkpoint_root() if hasattr(store, "checkpoint_root") else Path(store_path).parent / "checkpoints"
+    done = [c for c in cells if c not in todo]
+    for c in done:
+        store.link(c)  # a cell first computed under another spec belongs to this one too
+    ckroot = store.checkpoint_root()
     rows: list[dict[str, Any]] = []
     if executor == "local":
-        bar = tqdm(todo, desc=f"{spec.name}", unit="cell", disable=not progress)
-        for cell in bar:
-            bar.set_postfix_str(f"{cell.defense}/{cell.model}/{cell.norm}")
-            result = run_cell(cell, ckroot, device=device, progress=progress)
-            store.put(cell, result, replace=force) if force else store.put(cell, result)
-            rows.append(_summary_row(cell, result))
-            print(f"[{spec.name}] stored {cell.defense} {cell.model} {cell.norm} seed={cell.seed}: "
-                  f"accuracy {result['metrics'].get('accuracy'):.4f} "
-                  f"({result['train_seconds']:.1f} s train, {result['eval_seconds']:.1f} s eval)",
-                  file=sys.stderr)
+        results = _run_local(todo, ckroot, device=device, progress=progress, spec_name=spec.name)
     elif executor == "ray":
         from bench.ray_executor import run_cells_ray
 
-        for cell, result in run_cells_ray(todo, ckroot, device=device, address=address, shards=shards,
-                                          progress=progress):
-            store.put(cell, result, replace=force) if force else store.put(cell, result)
-            rows.append(_summary_row(cell, result))
+        results = run_cells_ray(
+            todo, ckroot, device=device, address=address, shards=shards, progress=progress
+        )
     else:
         raise ConfigError(f"unknown executor {executor!r}; allowed: local, ray")
-    for c in cells:
-        if c not in todo:
-            got = store.get(c.cell_id())
-            if got is not None:
-                rows.append(_summary_row(c, got))
-    return {"ran": len(todo), "skipped": skipped, "rows": rows}
+    for cell, result in results:
+        store.put(cell, result, replace=force)
+        rows.append(_summary_row(cell, result))
+        _log_cell(spec.name, cell, result)
+    for c in done:
+        got = store.get(c.cell_id())
+        if got is not None:
+            rows.append(_summary_row(c, got))
+    return {"ran": len(todo), "skipped": len(done), "rows": rows}
+
+
+def _run_local(cells, ckroot, *, device, progress, spec_name):
+    bar = tqdm(cells, desc=spec_name, unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.defense}/{cell.model}/{cell.norm}")
+        yield cell, run_cell(cell, ckroot, device=device, progress=progress)
+
+
+def _log_cell(spec_name: str, cell, result: dict[str, Any]) -> None:
+    acc = result["metrics"].get("accuracy")
+    print(
+        f"[{spec_name}] stored {cell.label or cell.defense} {cell.model} {cell.norm} "
+        f"seed={cell.seed}: accuracy {acc:.4f} ({result['train_seconds']:.1f} s train, "
+        f"{result['eval_seconds']:.1f} s eval)",
+        file=sys.stderr,
+    )
 
 
 def results_equal(a: dict[str, float | None], b: dict[str, float | None]) -> bool:
     """Exact equality of two metric dicts (``None`` equal to ``None``)."""
     return a.keys() == b.keys() and all(a[k] == b[k] for k in a)
-
-
-_ = Tensor  # re-exported type for annotations in callers

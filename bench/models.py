@@ -72,7 +72,7 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 # --------------------------------------------------------------------------- small models
 @register_model("mlp")
 def mlp(input_shape: tuple[int, int, int], num_classes: int, *, hidden: int = 128) -> nn.Module:
-    """Two hidden ReLU layers of width ``hidden`` (Flatten → Linear → ReLU → Linear → ReLU → Linear)."""
+    """Two hidden ReLU layers of width ``hidden`` (Flatten, then Linear+ReLU twice, then Linear)."""
     c, h, w = input_shape
     return nn.Sequential(
         nn.Flatten(),
@@ -85,9 +85,7 @@ def mlp(input_shape: tuple[int, int, int], num_classes: int, *, hidden: int = 12
 
 
 @register_model("cnn")
-def small_cnn(
-    input_shape: tuple[int, int, int], num_classes: int, *, width: int = 16
-) -> nn.Module:
+def small_cnn(input_shape: tuple[int, int, int], num_classes: int, *, width: int = 16) -> nn.Module:
     """Small CNN for digits-sized inputs: conv3x3(w) → conv3x3(2w, stride 2) → FC 128 → FC K."""
     c, h, w = input_shape
     h2, w2 = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
@@ -185,7 +183,7 @@ class _PreActBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         out = self.conv1(nn.functional.relu(self.bn1(x)))
         out = self.conv2(self.dropout(nn.functional.relu(self.bn2(out))))
         return out + self.shortcut(x)
@@ -253,7 +251,9 @@ def first_layer_index(model: nn.Module) -> int:
     """Index (in an ``nn.Sequential``) of the first parameterised layer; modules before it
     must be parameter-free (e.g. ``Flatten``). Raises ConfigError otherwise."""
     if not isinstance(model, nn.Sequential):
-        raise ConfigError(f"{type(model).__name__} is not an nn.Sequential; cannot find its first layer")
+        raise ConfigError(
+            f"{type(model).__name__} is not an nn.Sequential; cannot find its first layer"
+        )
     for i, m in enumerate(model):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return i

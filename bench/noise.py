@@ -41,7 +41,7 @@ def sample_standard(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw standard noise of ``shape``: N(0, 1) for ``"gaussian"``, Laplace(0, 1) for ``"laplace"``.
+    """Standard noise of ``shape``: N(0, 1) for ``"gaussian"``, Laplace(0, 1) for ``"laplace"``.
 
     The Laplace draw uses the inverse CDF of one uniform per element, so one generator call
     produces each tensor (deterministic given the generator's state).
@@ -110,7 +110,7 @@ class NoiseLayer(nn.Module):
             s = s * self.scale_fn()
         return s
 
-    def forward(self, h: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, h: Tensor) -> Tensor:
         z = standard_noise(self.kind, h.shape, h)
         return h + (self.multiplier * self.effective_scale()).to(h.dtype) * z
 

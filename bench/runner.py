@@ -156,7 +156,9 @@ def load_defense_state(d: Defense, state: dict[str, Tensor], *, source: str) -> 
 
 def save_defense(path: str | Path, d: Defense, *, model: str, dataset: str, **extra: Any) -> Path:
     """Checkpoint a set-up defense as safetensors + JSON record."""
-    return save_checkpoint(path, d.state_dict(), checkpoint_record(d, model=model, dataset=dataset, extra=extra))
+    return save_checkpoint(
+        path, d.state_dict(), checkpoint_record(d, model=model, dataset=dataset, extra=extra)
+    )
 
 
 def load_defense(
@@ -205,9 +207,13 @@ def load_defense(
         rec_params = dict(record["params"])
         rec_defense, rec_model = str(record["defense"]), str(record["model"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{p}: checkpoint record is missing or has a bad field ({exc})") from exc
+        raise CheckpointError(
+            f"{p}: checkpoint record is missing or has a bad field ({exc})"
+        ) from exc
     if input_shape is not None and tuple(input_shape) != shape:
-        raise CheckpointError(f"{p}: saved for inputs {shape}, the dataset has {tuple(input_shape)}")
+        raise CheckpointError(
+            f"{p}: saved for inputs {shape}, the dataset has {tuple(input_shape)}"
+        )
     if params:
         rec_params.update(params)
     d = build_defense(rec_defense, rec_params, rec_model, input_shape=shape, num_classes=k)
@@ -294,7 +300,9 @@ def train(
             for b in range(steps_per_epoch):
                 idx = perm[b * settings.batch_size : (b + 1) * settings.batch_size]
                 xb, yb = x[idx].to(device), y[idx].to(device)
-                prog = TrainProgress(step=step, total_steps=total, epoch=epoch, epochs=settings.epochs)
+                prog = TrainProgress(
+                    step=step, total_steps=total, epoch=epoch, epochs=settings.epochs
+                )
                 loss = d.training_loss(xb, yb, prog)
                 if not torch.isfinite(loss):
                     raise NumericalError(
@@ -343,11 +351,15 @@ def predict_all(
     """Predictions ``(N,)`` for every row of ``x``, in chunks; indices are global (offset+i)."""
     device = d.device
     out = []
-    for a, b in tqdm(list(_batches(x.shape[0], batch_size)), desc="predict", disable=not progress, leave=False):
+    for a, b in tqdm(
+        list(_batches(x.shape[0], batch_size)), desc="predict", disable=not progress, leave=False
+    ):
         idx = torch.arange(offset + a, offset + b)
         with torch.no_grad():
             out.append(
-                d.predict(x[a:b].to(device), seed=seed, indices=idx, batch_size=eval_batch_size).cpu()
+                d.predict(
+                    x[a:b].to(device), seed=seed, indices=idx, batch_size=eval_batch_size
+                ).cpu()
             )
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
@@ -368,9 +380,13 @@ def certify_all(
     labels, radii, bound = [], [], ""
     extra: dict[str, list[Tensor]] = {}
     chunks = list(_batches(x.shape[0], batch_size))
-    for a, b in tqdm(chunks, desc=f"certify {d.name}", disable=not progress, leave=False, unit="chunk"):
+    for a, b in tqdm(
+        chunks, desc=f"certify {d.name}", disable=not progress, leave=False, unit="chunk"
+    ):
         idx = torch.arange(offset + a, offset + b)
-        cert = d.certify(x[a:b].to(device), norm=norm, seed=seed, indices=idx, batch_size=eval_batch_size)
+        cert = d.certify(
+            x[a:b].to(device), norm=norm, seed=seed, indices=idx, batch_size=eval_batch_size
+        )
         labels.append(cert.labels.cpu())
         radii.append(cert.radius(norm).cpu().to(torch.float64))
         bound = cert.bound

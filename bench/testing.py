@@ -82,7 +82,9 @@ def check_shapes_and_training(cls: type[Defense], params: dict[str, Any] | None 
     d.model_.train()
     prog = TrainProgress(step=0, total_steps=10, epoch=0, epochs=1)
     loss = d.training_loss(x, y, prog)
-    assert loss.dim() == 0 and torch.isfinite(loss), f"training loss must be a finite scalar: {loss}"
+    assert loss.dim() == 0 and torch.isfinite(loss), (
+        f"training loss must be a finite scalar: {loss}"
+    )
     loss.backward()
     grads = [p.grad for p in d.model_.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "the loss has no gradient"
@@ -114,8 +116,12 @@ def check_predict_deterministic(cls: type[Defense], params: dict[str, Any] | Non
     assert int(p1.min()) >= -1 and int(p1.max()) < NUM_CLASSES, "labels out of range"
     p2 = d.predict(x, seed=3)
     assert torch.equal(p1, p2), "predict is not deterministic for a fixed seed"
-    parts = torch.cat([d.predict(x[:2], seed=3, indices=torch.arange(0, 2)),
-                       d.predict(x[2:], seed=3, indices=torch.arange(2, N))])
+    parts = torch.cat(
+        [
+            d.predict(x[:2], seed=3, indices=torch.arange(0, 2)),
+            d.predict(x[2:], seed=3, indices=torch.arange(2, N)),
+        ]
+    )
     assert torch.equal(p1, parts), "predict depends on how the inputs are split into batches"
 
 

@@ -39,7 +39,7 @@ NORMS = ("l1", "l2", "linf")
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """Where the runner's training loop is: global ``step`` of ``total_steps``, ``epoch`` of ``epochs``.
+    """Position of the runner's training loop: global ``step`` of ``total_steps``, ``epoch``.
 
     ``fraction`` is ``step / total_steps`` in [0, 1] (used by ramp-up schedules).
     """
@@ -148,9 +148,7 @@ class Defense:
         """
         return model
 
-    def setup(
-        self, model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int
-    ) -> Defense:
+    def setup(self, model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int) -> Defense:
         """Attach the defense to ``model`` (inputs of ``input_shape`` = (C, H, W), in [0, 1])."""
         self.input_shape_ = tuple(int(s) for s in input_shape)
         self.num_classes_ = int(num_classes)
@@ -170,7 +168,7 @@ class Defense:
         """Scalar loss for one batch (default: cross-entropy of one forward pass)."""
         return F.cross_entropy(self.model_(x), y)
 
-    def after_step(self, progress: TrainProgress) -> None:  # noqa: B027 - optional hook
+    def after_step(self, progress: TrainProgress) -> None:
         """Called after every optimiser step (e.g. to project weights)."""
 
     def train_defaults(self) -> dict[str, Any]:

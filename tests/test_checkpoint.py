@@ -32,7 +32,9 @@ def test_wrong_architecture_names_the_file(tmp_path):
     save_checkpoint(tmp_path / "ck", _model().state_dict(), {})
     cnn = create_model("cnn", input_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(CheckpointError, match=r"ck.safetensors: does not match the architecture"):
-        load_into(cnn, load_tensors(tmp_path / "ck.safetensors"), source=str(tmp_path / "ck.safetensors"))
+        load_into(
+            cnn, load_tensors(tmp_path / "ck.safetensors"), source=str(tmp_path / "ck.safetensors")
+        )
 
 
 def test_wrong_shape_is_reported(tmp_path):
@@ -53,7 +55,7 @@ def test_truncated_safetensors(tmp_path):
     save_checkpoint(tmp_path / "ck", _model().state_dict(), {})
     p = tmp_path / "ck.safetensors"
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="ck.safetensors: not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"ck\.safetensors: not a readable safetensors"):
         load_tensors(p)
 
 
@@ -73,7 +75,7 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     p = tmp_path / "evil.pth"
     with open(p, "wb") as fh:
         pickle.dump({"w": _Evil()}, fh)
-    with pytest.raises(CheckpointError, match="evil.pth: refused or unreadable"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused or unreadable"):
         load_tensors(p)
     assert not os.path.exists(marker)
 

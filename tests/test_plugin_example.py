@@ -22,8 +22,17 @@ EXAMPLE = ROOT / "examples" / "defense-plugin"
 def plugin_site(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("site")
     cmd = [
-        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-        "--no-build-isolation", "--target", str(site), str(EXAMPLE),
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--no-build-isolation",
+        "--target",
+        str(site),
+        str(EXAMPLE),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -35,8 +44,13 @@ def _certbench(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedPr
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
-        cwd=cwd, env=env, check=False, timeout=600,
+        [sys.executable, "-m", "bench.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
+        timeout=600,
     )
 
 
@@ -53,7 +67,9 @@ def test_plugin_listed(plugin_site, tmp_path):
 def test_plugin_runs_through_certbench_run(plugin_site, tmp_path):
     store = tmp_path / "store.sqlite"
     out = _certbench(
-        ["run", str(EXAMPLE / "plugin.toml"), "--store", str(store), "--quiet"], plugin_site, tmp_path
+        ["run", str(EXAMPLE / "plugin.toml"), "--store", str(store), "--quiet"],
+        plugin_site,
+        tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     from bench.store import Store

@@ -30,7 +30,9 @@ def test_builtins_are_registered():
 
 
 def test_unknown_name_lists_known(clean_registry):
-    with pytest.raises(RegistryError, match=r"unknown defense 'nope'.*known defenses: .*undefended"):
+    with pytest.raises(
+        RegistryError, match=r"unknown defense 'nope'.*known defenses: .*undefended"
+    ):
         registry.create_defense("nope")
 
 
@@ -71,14 +73,16 @@ class _FakeEP:
 
 def _fake_plugin_module(monkeypatch, modname: str, defense_name: str, *, broken: bool = False):
     src = (
-        "raise ImportError('plugin is broken')\n" if broken else
-        "from bench.registry import register_defense\n"
+        "raise ImportError('plugin is broken')\n"
+        if broken
+        else "from bench.registry import register_defense\n"
         "from defenses.base import Defense\n"
         f"@register_defense({defense_name!r})\n"
         "class Plug(Defense):\n"
         "    def __init__(self, *, k: int = 1):\n"
         "        self.k = k\n"
     )
+
     class Finder:
         @staticmethod
         def find_spec(name, path=None, target=None):

@@ -1,0 +1,442 @@
+"""Certified radii from Monte Carlo bounds: randomized smoothing and PixelDP (pure, vectorised).
+
+Inputs are numpy arrays, Python scalars or torch tensors (broadcast like numpy); results are
+``float64`` numpy arrays, or ``float64`` tensors on the device of the first tensor argument
+(see :mod:`bench.stats`). Radii are in input (pixel, [0, 1] range) units for the stated norm.
+
+Every Monte Carlo certificate holds with the probability of the confidence bounds it was
+computed from (``1 - alpha`` for smoothing, ``1 - eta`` for PixelDP); the functions here are
+deterministic maps from those bounds to radii.
+
+* Randomized smoothing (Cohen et al., ICML 2019, Thm 1): ``R = sigma * Phi^-1(p_lower)``
+  in the l2 norm; ``R < 0`` (``p_lower < 1/2``) means *abstain*.
+* PixelDP (Lecuyer et al., S&P 2019): the largest attack size ``L_max`` in the construction
+  norm for which the robustness test ``p_lower > e^{2 eps'} p_upper + (1 + e^{eps'}) delta'``
+  holds for some ``(eps', delta')`` that the fixed noise satisfies (REFERENCE.md §1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import special
+
+from bench.errors import ConfigError
+from bench.stats import (
+    ArrayLike,
+    StatisticsValueError,
+    _first_bad,
+    _restore,
+    _template,
+    _to_numpy,
+    lower_confidence_bound,
+    upper_confidence_bound,
+)
+from defenses.base import NORMS
+
+__all__ = [
+    "MECHANISMS",
+    "convert_radius",
+    "gaussian_radius_from_bound",
+    "pixeldp_is_robust",
+    "pixeldp_robust_size",
+    "pixeldp_robust_size_from_bounds",
+    "smoothing_radius",
+]
+
+MECHANISMS = ("gaussian", "laplace")
+
+# Probabilities are clipped to [_P_MIN, _P_MAX] before Phi^-1 so radii stay finite:
+# Phi^-1(_P_MIN) ~ -37.5 (a finite "abstain" radius), Phi^-1(_P_MAX) ~ 8.2.
+_P_MIN = float(np.finfo(np.float64).tiny)
+_P_MAX = float(np.nextafter(1.0, 0.0))
+
+# The PixelDP reference's search grid for delta' (0.001 ... 0.299, step 0.001).
+_DELTA_GRID = np.arange(1, 300, dtype=np.float64) / 1000.0
+
+
+def _check_probability(p: np.ndarray, name: str) -> None:
+    bad = ~((p >= 0) & (p <= 1))
+    if bad.any():
+        raise StatisticsValueError(f"{name} must lie in [0, 1], got {_first_bad(p, bad)}")
+
+
+def _check_scalar(value: float, name: str, *, upper: float | None = None) -> float:
+    """A positive finite float (strictly below ``upper`` when given), else a ConfigError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise StatisticsValueError(f"{name} must be a number, got {value!r}") from exc
+    if not (np.isfinite(v) and v > 0 and (upper is None or v < upper)):
+        allowed = f"0 < {name} < {upper:g}" if upper is not None else f"finite {name} > 0"
+        raise StatisticsValueError(f"{name} must satisfy {allowed}, got {value!r}")
+    return v
+
+
+def _check_mechanism(mechanism: str) -> None:
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
+
+
+# --------------------------------------------------------------------------- smoothing
+def gaussian_radius_from_bound(
+    p_lower: ArrayLike,
+    sigma: float,
+    *,
+    p_upper: ArrayLike | None = None,
+    sensitivity: float = 1.0,
+) -> Any:
+    """Tight l2 certificate of Gaussian noise from probability bounds (Cohen et al., Thm 1).
+
+    Without ``p_upper``: ``R = sigma * Phi^-1(p_lower) / sensitivity`` (the runner-up is
+    bounded by ``1 - p_lower``). With ``p_upper`` (a bound on every other class):
+    ``R = sigma / 2 * (Phi^-1(p_lower) - Phi^-1(p_upper)) / sensitivity``. Valid for the
+    probabilities of a hard base classifier and for expected softmax scores alike (Salman
+    et al., 2019, Lemma 2). ``R <= 0`` certifies nothing (abstain).
+
+    Args:
+        p_lower: lower bound on the top class probability, in [0, 1] (any shape).
+        sigma: standard deviation of the Gaussian noise, ``> 0``.
+        p_upper: optional upper bound on the runner-up probability (broadcastable).
+        sensitivity: l2 operator norm ``Delta`` of the (linear) map in front of the noise
+            (1 when the noise is added to the image); divides the radius, giving input units.
+
+    Returns:
+        Radius in l2 input units, same shape as the broadcast inputs; finite (probabilities
+        are clipped to ``[tiny, 1 - 2^-53]`` before ``Phi^-1``, which only shrinks radii).
+    """
+    like = _template(p_lower, p_upper) if p_upper is not None else _template(p_lower)
+    pl = _to_numpy(p_lower, "p_lower")
+    _check_probability(pl, "p_lower")
+    s = _check_scalar(sigma, "sigma")
+    d = _check_scalar(sensitivity, "sensitivity")
+    z_lower = special.ndtri(np.clip(pl, _P_MIN, _P_MAX))
+    if p_upper is None:
+        return _restore(s * z_lower / d, like)
+    pu = _to_numpy(p_upper, "p_upper")
+    _check_probability(pu, "p_upper")
+    z_upper = special.ndtri(np.clip(pu, _P_MIN, _P_MAX))
+    return _restore(0.5 * s * (z_lower - z_upper) / d, like)
+
+
+def smoothing_radius(n_top: ArrayLike, n: ArrayLike, sigma: float, alpha: float) -> Any:
+    """Randomized-smoothing CERTIFY radius from the top-class count (Cohen et al., 2019).
+
+    ``R = sigma * Phi^-1(lower_confidence_bound(n_top, n, alpha))``. ``n_top`` must count
+    the class chosen on *separate* selection draws (reusing them invalidates the bound).
+
+    Guarantee: with probability ``>= 1 - alpha`` over the estimation draws, the smoothed
+    classifier returns the selected class for every l2 perturbation of norm ``< R``.
+    A negative ``R`` (lower bound below 1/2) means *abstain*; where the lower bound is 0
+    (``n_top == 0``) ``R = sigma * Phi^-1(tiny) ~ -37.5 sigma``, finite and negative.
+
+    Args:
+        n_top: ``(N,)`` counts of the selected class among ``n`` estimation draws.
+        n: number of estimation draws (scalar or ``(N,)``).
+        sigma: noise standard deviation in input units, ``> 0``.
+        alpha: failure probability, ``0 < alpha < 1``.
+
+    Returns:
+        ``(N,)`` float64 l2 radii in input units.
+    """
+    like = _template(n_top, n)
+    p_lower = lower_confidence_bound(_to_numpy(n_top, "n_top"), _to_numpy(n, "n"), alpha)
+    return _restore(gaussian_radius_from_bound(p_lower, sigma), like)
+
+
+# --------------------------------------------------------------------------- PixelDP
+def pixeldp_is_robust(
+    p_lower: ArrayLike,
+    p_upper: ArrayLike,
+    *,
+    epsilon: float,
+    delta: float,
+    mechanism: str,
+) -> Any:
+    """PixelDP robustness test: ``p_lower > e^{2 epsilon} p_upper + (1 + e^epsilon) delta``.
+
+    For an ``(epsilon, delta)``-PixelDP network w.r.t. attacks of size ``L``, a True entry
+    means no attack of size ``<= L`` can change the prediction (given the bounds hold). For
+    the Laplace mechanism the network is ``(epsilon, 0)``-DP and ``delta`` is ignored.
+
+    Returns:
+        Boolean numpy array, or a bool tensor on the first tensor argument's device.
+    """
+    _check_mechanism(mechanism)
+    like = _template(p_lower, p_upper)
+    pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
+    _check_probability(pl, "p_lower")
+    _check_probability(pu, "p_upper")
+    eps = _check_scalar(epsilon, "epsilon")
+    dlt = 0.0 if mechanism == "laplace" else _check_scalar(delta, "delta", upper=1.0)
+    robust = pl > np.exp(2.0 * eps) * pu + (1.0 + np.exp(eps)) * dlt
+    if like is None:
+        return robust
+    return torch.from_numpy(np.ascontiguousarray(robust)).to(like.device)
+
+
+def _gaussian_search(
+    pl: np.ndarray,
+    pu: np.ndarray,
+    scale: float,
+    *,
+    iterations: int,
+    chunk_size: int = 128,
+) -> np.ndarray:
+    """Reference L_max search for the Gaussian mechanism, vectorised over examples × grid.
+
+    For every ``delta'`` on :data:`_DELTA_GRID`, find the largest ``eps' in (0, 1]`` with
+    ``pl >= e^{2 eps'} pu + (1 + e^{eps'}) delta'``, as ``iterations`` steps of bisection on
+    ``[0, 1]`` would: ``1`` when feasible, else the lower end of the final bracket. The
+    right-hand side is increasing in ``eps'``, so the feasible set is ``(0, eps*]`` with
+    ``y* = e^{eps*}`` the positive root of ``pu y^2 + delta' y + (delta' - pl) = 0``.
+    Bisection's midpoints are the dyadic numbers ``j / 2^iterations``, so its lower end is
+    ``floor(eps* 2^iterations) / 2^iterations``; that value is computed directly from the
+    root (one pass instead of ``iterations``), then the inequality is *re-checked* with the
+    same float64 expression as :func:`pixeldp_is_robust` (``>=``) and the value stepped down
+    by ``2^-iterations`` where rounding put it on the wrong side. Invariant: every returned
+    ``eps'`` is 0 or satisfies the inequality as evaluated -- never the violating end.
+
+    ``L' = scale * eps' / sqrt(ln(1.25 / delta'))``; ``L_max`` is the max over the grid
+    (0 when nothing is feasible). ``pl`` and ``pu`` are flat float64 arrays of equal length.
+    """
+    inv_root = 1.0 / np.sqrt(np.log(1.25 / _DELTA_GRID))  # (G,)
+    dgrid = _DELTA_GRID[None, :]
+    step = 2.0**-iterations
+    out = np.zeros(pl.shape, dtype=np.float64)
+    # Only pl > pu + 2 delta'_min can pass for any eps' > 0; the rest keep L_max = 0.
+    todo = np.flatnonzero(pl > pu + 2.0 * _DELTA_GRID[0])
+    for start in range(0, todo.size, chunk_size):
+        rows = todo[start : start + chunk_size]
+        a = pl[rows, None]
+        b = pu[rows, None]
+
+        def feasible(x: np.ndarray, a: np.ndarray = a, b: np.ndarray = b) -> np.ndarray:
+            ex = np.exp(x)
+            return a >= ex * ex * b + (1.0 + ex) * dgrid
+
+        # Positive root in the cancellation-free form 2c / (d + sqrt(d^2 + 4 b c)), c = a - d;
+        # where c <= 0 even eps' -> 0 fails and eps* is set to 0 (nothing feasible).
+        c = np.maximum(a - dgrid, 0.0)
+        root = np.sqrt(4.0 * b * c + dgrid * dgrid)
+        root += dgrid
+        np.divide(2.0 * c, root, out=root)
+        np.maximum(root, 1.0, out=root)
+        eps_star = np.log(root, out=root)  # >= 0
+        # Lower end of the bisection bracket (1 itself when eps* >= 1).
+        lo = np.minimum(eps_star, 1.0, out=eps_star)
+        lo /= step
+        np.floor(lo, out=lo)
+        lo *= step
+        ok = feasible(lo) & (lo > 0)
+        for _ in range(3):  # rounding can misplace eps* by an ulp: step down until it holds
+            bad = (lo > 0) & ~ok
+            if not bad.any():
+                break
+            lo = np.where(bad, lo - step, lo)
+            ok = np.where(bad, feasible(lo) & (lo > 0), ok)
+        eps_prime = np.where(ok, lo, 0.0)  # last resort: certify nothing
+        out[rows] = scale * (eps_prime * inv_root).max(axis=1)
+    return out
+
+
+def pixeldp_robust_size_from_bounds(
+    p_lower: ArrayLike,
+    p_upper: ArrayLike,
+    *,
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    construction_bound: float,
+    sensitivity: float = 1.0,
+    iterations: int = 14,
+) -> Any:
+    """Largest attack size ``L_max`` PixelDP certifies, from bounds on the expected scores.
+
+    The network's noise was calibrated for ``(epsilon, delta)``-DP against attacks of size
+    ``L = construction_bound`` in the mechanism's norm: Gaussian (l2)
+    ``sigma = Delta L sqrt(2 ln(1.25/delta)) / epsilon``; Laplace (l1) ``b = Delta L / epsilon``.
+
+    * Laplace: ``L_max = L ln(p_lower / p_upper) / (2 epsilon)``, 0 where
+      ``p_lower <= p_upper`` (``delta`` is ignored; ``+inf`` if ``p_upper == 0``).
+    * Gaussian: the reference search (REFERENCE.md §1): the same ``sigma`` is
+      ``(eps', delta')``-DP for attacks of size ``L' = sigma eps' / (Delta sqrt(2
+      ln(1.25/delta')))`` for any ``eps' <= 1``; ``delta'`` runs over 0.001 … 0.299 and the
+      largest ``eps'`` passing the robustness test (:func:`pixeldp_is_robust`, with ``>=``)
+      is found to the precision of ``iterations`` bisection steps on (0, 1] (14 gives
+      6e-5, finer than the reference's 0.001; computed from the closed-form root and
+      re-checked, see :func:`_gaussian_search`). The returned ``L_max`` always comes from
+      an ``(eps', delta')`` that passes the test. Since ``eps' <= 1`` and ``p_lower <= 1``,
+      ``L_max <= 1.45 L`` for ``delta = 0.05``.
+
+    Guarantee: if ``p_lower`` / ``p_upper`` bound the expected top / every other score
+    (with probability ``>= 1 - eta``), no perturbation of norm ``<= L_max`` (input units)
+    changes the prediction. Robust at threshold ``T`` iff ``L_max >= T``.
+
+    ``sensitivity`` is the ``Delta`` that scaled the noise (operator norm of the pre-noise
+    layer, 1 for noise on the image). ``L`` and ``L_max`` are in input units; because the
+    noise is built from ``(epsilon, delta, L, Delta)``, ``Delta`` cancels in ``L_max``. It is
+    accepted (and validated) so that callers pass the full noise calibration; it does not
+    change the result.
+
+    Args:
+        p_lower: ``(N,)`` lower bounds on the top class's expected score, in [0, 1].
+        p_upper: ``(N,)`` upper bounds on the runner-up's expected score, in [0, 1].
+        mechanism: ``"gaussian"`` or ``"laplace"``.
+        epsilon, delta: the DP budget the noise was calibrated for (``delta`` in (0, 1)).
+        construction_bound: ``L``, the attack size the noise was calibrated for, ``> 0``.
+        sensitivity: ``Delta > 0`` (see above).
+        iterations: bisection steps of the Gaussian search.
+
+    Returns:
+        ``(N,)`` float64 ``L_max >= 0`` in input units.
+    """
+    _check_mechanism(mechanism)
+    like = _template(p_lower, p_upper)
+    pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
+    _check_probability(pl, "p_lower")
+    _check_probability(pu, "p_upper")
+    eps = _check_scalar(epsilon, "epsilon")
+    big_l = _check_scalar(construction_bound, "construction_bound")
+    _check_scalar(sensitivity, "sensitivity")
+    pl, pu = np.broadcast_arrays(pl, pu)
+    if mechanism == "laplace":
+        with np.errstate(divide="ignore"):
+            ratio = np.log(pl) - np.log(pu)
+        size = np.where(pl > pu, big_l * ratio / (2.0 * eps), 0.0)
+        return _restore(size, like)
+    dlt = _check_scalar(delta, "delta", upper=1.0)
+    if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
+        raise StatisticsValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    # L' = sigma eps' / (Delta sqrt(2 ln(1.25/delta'))) with sigma from (eps, delta, L, Delta):
+    scale = big_l * np.sqrt(np.log(1.25 / dlt)) / eps
+    flat = _gaussian_search(
+        np.ascontiguousarray(pl, dtype=np.float64).ravel(),
+        np.ascontiguousarray(pu, dtype=np.float64).ravel(),
+        scale,
+        iterations=int(iterations),
+    )
+    return _restore(flat.reshape(pl.shape), like)
+
+
+def pixeldp_robust_size(
+    n_top: ArrayLike,
+    n_second: ArrayLike,
+    n: ArrayLike,
+    *,
+    num_classes: int,
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    construction_bound: float,
+    eta: float,
+    sensitivity: float = 1.0,
+) -> Any:
+    """PixelDP ``L_max`` from argmax counts (REFERENCE.md §1, "argmax counts").
+
+    Clopper–Pearson with Bonferroni over ``num_classes`` labels:
+    ``p_lower = Beta^-1(eta/K; n_top, n - n_top + 1)``,
+    ``p_upper = Beta^-1(1 - eta/K; n_second + 1, n - n_second)``, then
+    :func:`pixeldp_robust_size_from_bounds`.
+
+    Guarantee: each of the two bounds fails with probability ``<= eta / K`` (the PixelDP
+    reference's union bound over the K labels); given both hold, no perturbation of norm
+    ``<= L_max`` changes the prediction.
+
+    Args:
+        n_top: ``(N,)`` largest argmax count among ``n`` noise draws.
+        n_second: ``(N,)`` second-largest count (``n_top + n_second <= n``).
+        n: number of draws (scalar or ``(N,)``).
+        num_classes: K, the Bonferroni factor.
+        eta: total failure probability, ``0 < eta < 1``.
+        mechanism, epsilon, delta, construction_bound, sensitivity: the noise calibration,
+            see :func:`pixeldp_robust_size_from_bounds`.
+    """
+    like = _template(n_top, n_second, n)
+    top, second, nn = (
+        _to_numpy(n_top, "n_top"),
+        _to_numpy(n_second, "n_second"),
+        _to_numpy(n, "n"),
+    )
+    if not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
+        raise StatisticsValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    level = _check_scalar(eta, "eta", upper=1.0) / num_classes
+    over = top + second > nn
+    if np.any(over):
+        raise StatisticsValueError(
+            "n_top + n_second must not exceed n, got "
+            f"n_top + n_second = {_first_bad(top + second, over)}"
+        )
+    p_lower = lower_confidence_bound(top, nn, level)
+    p_upper = upper_confidence_bound(second, nn, level)
+    size = pixeldp_robust_size_from_bounds(
+        p_lower,
+        p_upper,
+        mechanism=mechanism,
+        epsilon=epsilon,
+        delta=delta,
+        construction_bound=construction_bound,
+        sensitivity=sensitivity,
+    )
+    return _restore(size, like)
+
+
+# --------------------------------------------------------------------------- norms
+def _norm_factor(from_norm: str, to_norm: str, dim: int) -> float:
+    """Largest ``c`` with ``{||d||_to < c r}`` inside ``{||d||_from < r}`` in R^dim.
+
+    From the tight inequalities ``||d||_inf <= ||d||_2 <= ||d||_1 <= sqrt(dim) ||d||_2`` and
+    ``||d||_2 <= sqrt(dim) ||d||_inf``, ``||d||_1 <= dim ||d||_inf``:
+    ``||d||_to < c r`` must imply ``||d||_from < r``, i.e. ``c = 1 / max ||d||_from /
+    ||d||_to``.
+    """
+    if from_norm == to_norm:
+        return 1.0
+    # max ||d||_from / ||d||_to over d != 0:
+    worst = {
+        ("l2", "l1"): 1.0,  # ||d||_2 <= ||d||_1
+        ("linf", "l1"): 1.0,  # ||d||_inf <= ||d||_1
+        ("linf", "l2"): 1.0,  # ||d||_inf <= ||d||_2
+        ("l2", "linf"): np.sqrt(dim),  # ||d||_2 <= sqrt(d) ||d||_inf
+        ("l1", "l2"): np.sqrt(dim),  # ||d||_1 <= sqrt(d) ||d||_2
+        ("l1", "linf"): float(dim),  # ||d||_1 <= d ||d||_inf
+    }[(from_norm, to_norm)]
+    return 1.0 / worst
+
+
+def convert_radius(radius: ArrayLike, *, from_norm: str, to_norm: str, dim: int) -> Any:
+    """Conservatively convert a certified radius between norms on ``R^dim``.
+
+    A radius ``r`` certified in ``from_norm`` certifies ``c r`` in ``to_norm`` where
+    ``c`` is the largest constant with the ``to_norm`` ball of radius ``c r`` contained in
+    the certified ``from_norm`` ball (the factors are tight):
+
+    ============  ======  ===========  ===========
+    from \\\\ to    l1      l2           linf
+    ============  ======  ===========  ===========
+    l1            1       1/sqrt(d)    1/d
+    l2            1       1            1/sqrt(d)
+    linf          1       1            1
+    ============  ======  ===========  ===========
+
+    (e.g. ``||x||_inf <= ||x||_2``, so an l2 ball of radius r lies inside the certified linf
+    ball of radius r; ``||x||_2 <= sqrt(d) ||x||_inf``, so an l2 radius r certifies linf
+    radius r/sqrt(d)). In finite dimension every pair has a containment, so no pair maps to
+    0. Same norm is the identity. Non-positive radii (nothing certified / abstain) keep
+    their sign; ``+inf`` stays ``+inf``.
+
+    Args:
+        radius: certified radii in ``from_norm``, any shape.
+        from_norm, to_norm: ``"l1"``, ``"l2"`` or ``"linf"``.
+        dim: input dimension ``d = C*H*W``, integer ``>= 1``.
+    """
+    for name, value in (("from_norm", from_norm), ("to_norm", to_norm)):
+        if value not in NORMS:
+            raise ConfigError(f"{name} must be one of {', '.join(NORMS)}, got {value!r}")
+    if not (isinstance(dim, (int, np.integer)) and dim >= 1):
+        raise StatisticsValueError(f"dim (input dimension) must be an integer >= 1, got {dim!r}")
+    like = _template(radius)
+    r = _to_numpy(radius, "radius")
+    return _restore(r * _norm_factor(from_norm, to_norm, int(dim)), like)

@@ -1,0 +1,142 @@
+"""Ray executor: cells, and test-set shards of their evaluation, as Ray tasks.
+
+``certbench run SPEC --executor ray [--address auto]`` (extra ``certbench[ray]``). For each
+cell one task trains the defense (or finds its checkpoint) and saves it under the store's
+checkpoint directory; then ``shards`` tasks each certify and attack a contiguous slice of the
+test set and return per-example arrays. Only the driver merges, computes the metrics and
+writes the store.
+
+Shard boundaries are multiples of :data:`bench.executors.ATTACK_CHUNK` and every noise draw
+is seeded by the global example index, so the per-example arrays, and hence the metrics, are
+identical to the local executor's for the same trained weights. Training itself is
+deterministic for a fixed seed *and thread count*; each task pins torch to the CPUs Ray gives
+it (``num_cpus``, default 1), so run the local executor with ``CERTBENCH_NUM_THREADS`` equal
+to that number when comparing bit for bit.
+
+On a cluster the checkpoint directory (next to the store) must be on storage every node
+sees; tasks ask for ``num_gpus=1`` when the device is CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.errors import ConfigError
+from bench.executors import (
+    ATTACK_CHUNK,
+    _alpha,
+    _attack_label,
+    _n_draws,
+    dataset_for,
+    evaluate_shard,
+    finalise,
+    merge_shards,
+    prepare_defense,
+)
+from bench.runner import configure_threads, provenance, resolve_device
+
+
+def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Split ``[0, n)`` into at most ``shards`` slices starting at multiples of ATTACK_CHUNK."""
+    chunks = max(1, -(-n // ATTACK_CHUNK))
+    shards = max(1, min(shards, chunks))
+    per = -(-chunks // shards)
+    bounds = []
+    for s in range(shards):
+        a, b = s * per * ATTACK_CHUNK, min(n, (s + 1) * per * ATTACK_CHUNK)
+        if a < b:
+            bounds.append((a, b))
+    return bounds
+
+
+def _train_task(cell, ckroot: str, device: str | None, threads: int) -> dict[str, Any]:
+    configure_threads(threads)
+    dev = resolve_device(device or cell.device)
+    d, train_seconds = prepare_defense(cell, ckroot, device=dev, progress=False)
+    return {
+        "train_seconds": train_seconds,
+        "certifies": cell.norm in d.certifies,
+        "randomized": d.randomized,
+        "n_draws": _n_draws(d) if d.randomized else None,
+        "alpha": _alpha(d, cell),
+    }
+
+
+def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int):
+    configure_threads(threads)
+    dev = resolve_device(device or cell.device)
+    d, _ = prepare_defense(cell, ckroot, device=dev, progress=False)
+    t0 = time.perf_counter()
+    out = evaluate_shard(d, cell, a, b)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_cells_ray(
+    cells: list,
+    checkpoint_root: str | Path,
+    *,
+    device: str | None = None,
+    address: str | None = None,
+    shards: int | None = None,
+    progress: bool = True,
+    num_cpus_per_task: int = 1,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Run ``cells`` as Ray tasks; yields ``(cell, result)`` in cell order as each completes."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--executor ray needs Ray: pip install 'certbench[ray]'") from exc
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(**kwargs)
+    dev = str(resolve_device(device)) if device not in (None, "", "auto") else device
+    gpus = (
+        1
+        if (dev or "").startswith("cuda") or (dev in (None, "auto") and torch.cuda.is_available())
+        else 0
+    )
+    opts = {"num_cpus": num_cpus_per_task, "num_gpus": gpus}
+    train_remote = ray.remote(_train_task).options(**opts)
+    shard_remote = ray.remote(_shard_task).options(**opts)
+    ckroot = str(checkpoint_root)
+    if shards is None:
+        shards = max(1, int(ray.available_resources().get("CPU", 1)) // num_cpus_per_task)
+
+    # Train every cell first (independent tasks), then evaluate the shards of each.
+    train_refs = [train_remote.remote(c, ckroot, dev, num_cpus_per_task) for c in cells]
+    bar = tqdm(total=len(cells), desc="ray cells", unit="cell", disable=not progress)
+    try:
+        for cell, tref in zip(cells, train_refs, strict=True):
+            info = ray.get(tref)
+            n_test = int(dataset_for(cell).y_test.numel())
+            bounds = _shard_bounds(n_test, shards)
+            t0 = time.perf_counter()
+            parts = ray.get(
+                [shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b) for a, b in bounds]
+            )
+            merged = merge_shards(parts)
+            result = {
+                "metrics": finalise(cell, info["certifies"], merged),
+                "n_test": n_test,
+                "n_draws": info["n_draws"],
+                "alpha": info["alpha"],
+                "attack": _attack_label(cell),
+                "train_seconds": float(info["train_seconds"]),
+                "eval_seconds": time.perf_counter() - t0,
+                "provenance": {**provenance(), "executor": "ray"},
+            }
+            bar.update(1)
+            yield cell, result
+    finally:
+        bar.close()

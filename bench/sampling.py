@@ -1,0 +1,713 @@
+"""The Monte Carlo noise-sampling engine shared by every randomized defense.
+
+A randomized network contains one or more :class:`~bench.noise.NoiseLayer` modules (the
+*noise sites*). :func:`sample` evaluates it ``n`` times per input and returns the histogram
+of argmax labels (and optionally the sum and sum of squares of the softmax), accumulated on
+the input's device, under :func:`torch.inference_mode` with the model in ``eval()`` mode.
+
+**Per-example seeding.** Draw ``j`` of example ``i`` belongs to *block* ``b = j // block_size``.
+For every (example, block) one :class:`torch.Generator` on the input's device is seeded with
+:func:`block_seed` ``(seed, indices[i], stream, b)`` (a splitmix64 mix), and the block's
+standard noise for every noise site, in call order, is drawn from it, one call per site
+(shape ``(rows_in_block, *site_shape)``). Forward passes only take rows of these blocks, so the
+draws of example ``i`` depend on ``(seed, indices[i], stream)`` and on ``block_size`` alone:
+not on the batch size, the other examples in ``x`` or how a test set is sharded (``indices``
+are *global* example ids). ``block_size`` is therefore part of the run record. Forward
+outputs are bit-identical across groupings for the usual row-independent layers (conv,
+linear, eval-mode batch norm); counts are then identical too, while float64 softmax sums may
+differ in the last bits because the summation order changes.
+
+**Streams** separate the uses of noise: :data:`SELECTION` (Cohen's ``n0`` draws that pick the
+class), :data:`ESTIMATION` (the fresh draws behind a confidence bound), :data:`PREDICTION`
+and :data:`RESCORE` (re-scoring adversarial examples). Reusing selection draws to estimate
+would invalidate the bound, so the two are always different streams.
+
+**Memory.** Rows of several examples/blocks are packed into one forward pass of up to
+``batch_size`` rows; a block is split across forward passes only when it is larger than
+``batch_size`` (its noise is then generated once and cached, costing
+``block_size * sum(site sizes)`` elements). The default ``batch_size`` is
+``MEMORY_BUDGET_BYTES[device type] // bytes_per_row`` (256 MiB on CPU, 1 GiB on an
+accelerator; capped at :data:`MAX_BATCH_SIZE`), where ``bytes_per_row`` counts, per noisy
+row, the gathered input, each noise site's noise twice (the buffer and the scaled copy made by
+the noise layer) and the output of every leaf module measured in a one-row dry run (an
+over-estimate: inference frees activations as it goes). It is then rounded so that blocks
+fill forward passes exactly: down to a multiple of the block's rows when it holds at least
+one block, else to ``ceil(rows / pieces)`` with ``pieces = ceil(rows / budget_rows)``. Full,
+equal passes matter on CPU, where each parallel kernel has a fixed cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import Tensor, nn
+
+from bench.errors import ConfigError
+from bench.noise import NoiseLayer, noise_layers, noise_source, sample_standard
+from bench.stats import binomial_test_pvalue, lower_confidence_bound
+
+__all__ = [
+    "ESTIMATION",
+    "MAX_BATCH_SIZE",
+    "MEMORY_BUDGET_BYTES",
+    "PREDICTION",
+    "RESCORE",
+    "SELECTION",
+    "NotRandomizedError",
+    "Samples",
+    "block_seed",
+    "default_batch_size",
+    "sample",
+    "smoothed_certify",
+    "smoothed_predict",
+]
+
+SELECTION = 0
+"""Stream of the draws that select a class (Cohen's ``n0``)."""
+ESTIMATION = 1
+"""Stream of the fresh draws behind a confidence bound (Cohen's ``n``)."""
+PREDICTION = 2
+"""Stream of Monte Carlo predictions (Cohen's PREDICT)."""
+RESCORE = 3
+"""Stream used to re-score attacked inputs."""
+
+DEFAULT_BLOCK_SIZE = 1000
+MEMORY_BUDGET_BYTES = {"cpu": 256 * 2**20, "default": 1024 * 2**20}
+"""Bytes of input + noise + activations one forward pass may use when ``batch_size`` is not
+given, by device type (``"default"``: any accelerator). Larger passes amortise the fixed cost
+of each kernel (thread-pool wake-ups on CPU, launches on GPU); beyond a few thousand rows they
+gain nothing and only fall out of the caches."""
+MAX_BATCH_SIZE = 16384
+"""Upper bound on the automatically chosen ``batch_size``."""
+
+_MASK64 = (1 << 64) - 1
+
+
+class NotRandomizedError(ConfigError, ValueError):
+    """The model given to the sampling engine has no noise layer that runs in its forward."""
+
+
+@dataclass
+class Samples:
+    """Monte Carlo statistics of ``n`` noisy forward passes per example.
+
+    Attributes:
+        counts: ``(N, K)`` int64, how many of the ``n`` draws had each class as argmax
+            (each row sums to ``n``).
+        n: number of draws per example.
+        softmax_sum: ``(N, K)`` float64 sum of the softmax over the draws, or ``None``.
+        softmax_sq_sum: ``(N, K)`` float64 sum of the squared softmax, or ``None``.
+    """
+
+    counts: Tensor
+    n: int
+    softmax_sum: Tensor | None = None
+    softmax_sq_sum: Tensor | None = None
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def block_seed(seed: int, index: int, stream: int, block: int) -> int:
+    """The 64-bit generator seed of one (example, block): splitmix64 chained over the fields."""
+    h = _splitmix64(seed & _MASK64)
+    for v in (index, stream, block):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One noise-layer call: its noise kind, per-row shape, dtype and device."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@contextlib.contextmanager
+def _prediction_mode(model: nn.Module) -> Iterator[None]:
+    """eval() mode and noise multiplier 1 inside the block; restore both afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    layers = noise_layers(model)
+    multipliers = [layer.multiplier for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.multiplier = 1.0
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for layer, mult in zip(layers, multipliers, strict=True):
+            layer.multiplier = mult
+
+
+def _probe(model: nn.Module, x1: Tensor) -> tuple[list[_Site], Tensor, int]:
+    """Dry run on one row: the noise sites in call order, the output, and the leaf-output size."""
+    sites: list[_Site] = []
+    leaf_numel = 0
+
+    def record(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
+        if len(shape) == 0 or shape[0] != 1:
+            raise ConfigError(
+                f"noise layer input has shape {tuple(shape)} for a one-example batch; the "
+                "sampling engine needs noise layers whose input keeps the batch dimension first"
+            )
+        sites.append(_Site(kind, tuple(shape[1:]), like.dtype, like.device))
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def hook(_module: nn.Module, _inp: object, out: object) -> None:
+        nonlocal leaf_numel
+        if isinstance(out, Tensor):
+            leaf_numel += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
+    try:
+        with noise_source(record):
+            out = model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return sites, out, leaf_numel
+
+
+def _default_batch_size(x: Tensor, sites: list[_Site], leaf_numel: int, block_rows: int) -> int:
+    """The budget's row count, rounded to fill forward passes with blocks (module doc)."""
+    itemsize = x.element_size()
+    per_row = itemsize * (x[0].numel() + leaf_numel)
+    per_row += sum(2 * s.numel * torch.empty((), dtype=s.dtype).element_size() for s in sites)
+    budget = MEMORY_BUDGET_BYTES.get(x.device.type, MEMORY_BUDGET_BYTES["default"])
+    rows = max(1, min(MAX_BATCH_SIZE, budget // max(1, per_row)))
+    if rows >= block_rows:
+        return rows // block_rows * block_rows
+    return -(-block_rows // -(-block_rows // rows))
+
+
+def default_batch_size(
+    model: nn.Module, x: Tensor, *, n: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE
+) -> int:
+    """The ``batch_size`` :func:`sample` uses for randomized ``model`` on inputs like ``x``.
+
+    ``x``: ``(N, C, H, W)`` (only ``x[:1]`` is evaluated, in one dry run); ``n`` draws per
+    example (``None``: at least one block). See the module docstring for the memory model.
+    """
+    _check_input(x)
+    block_size = _check_int("block_size", block_size, 1)
+    block_rows = block_size if n is None else min(block_size, _check_int("n", n, 1))
+    with torch.inference_mode(), _prediction_mode(model):
+        sites, _, leaf_numel = _probe(model, x[:1])
+    if not sites:
+        raise NotRandomizedError(f"no NoiseLayer of {type(model).__name__} ran in its forward")
+    return _default_batch_size(x, sites, leaf_numel, block_rows)
+
+
+def _fill_block(site: _Site, out: Tensor, generator: torch.Generator) -> None:
+    """Write one block's standard noise for ``site`` into ``out`` (``(rows, *site.shape)``).
+
+    One generator call per block and site, so the values depend only on the generator's seed
+    and the block's row count, whatever ``out`` is a view of.
+    """
+    if site.kind == "gaussian":
+        torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device, out=out)
+    else:
+        out.copy_(
+            sample_standard(
+                site.kind, out.shape, dtype=out.dtype, device=out.device, generator=generator
+            )
+        )
+
+
+_INLINE_NUMEL = 32768
+"""ATen's grain size: CPU kernels on fewer elements run inline, without the thread pool."""
+
+
+def _argmax_rows(out: Tensor) -> Tensor:
+    """``out.argmax(dim=1)`` for ``(B, K)`` scores; on CPU in pieces that ATen runs inline.
+
+    Waking the intra-op thread pool has a fixed cost that, on a busy CPU, can exceed the whole
+    argmax (milliseconds when a worker thread has to be rescheduled); the pieces avoid it.
+    """
+    rows_inline = max(1, _INLINE_NUMEL // max(1, out.shape[1]))
+    if out.device.type != "cpu" or out.shape[0] <= rows_inline:
+        return out.argmax(dim=1)
+    pred = torch.empty(out.shape[0], dtype=torch.int64)
+    for start in range(0, out.shape[0], rows_inline):
+        torch.argmax(out[start : start + rows_inline], dim=1, out=pred[start : start + rows_inline])
+    return pred
+
+
+# A forward pass is a list of segments: (local example, block, block rows, first row, end row).
+_Segment = tuple[int, int, int, int, int]
+
+
+def _plan(num_examples: int, n: int, block_size: int, batch_size: int) -> Iterator[list[_Segment]]:
+    """Group the rows (example-major, then draw) into forward passes of <= batch_size rows.
+
+    Whole blocks are packed together; a block larger than ``batch_size`` is split into
+    ``ceil(rows / batch_size)`` near-equal pieces, one forward pass each.
+    """
+    num_blocks = -(-n // block_size)
+    chunk: list[_Segment] = []
+    used = 0
+    for e in range(num_examples):
+        for b in range(num_blocks):
+            rows = min(block_size, n - b * block_size)
+            if rows <= batch_size:
+                if used + rows > batch_size:
+                    yield chunk
+                    chunk, used = [], 0
+                chunk.append((e, b, rows, 0, rows))
+                used += rows
+                continue
+            if chunk:
+                yield chunk
+                chunk, used = [], 0
+            pieces = -(-rows // batch_size)
+            bounds = [rows * p // pieces for p in range(pieces + 1)]
+            for r0, r1 in itertools.pairwise(bounds):
+                yield [(e, b, rows, r0, r1)]
+    if chunk:
+        yield chunk
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as a Python int (numpy/0-d tensor integers accepted, bools not), ``>= minimum``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _check_indices(indices: Tensor | None, num_examples: int) -> list[int]:
+    if indices is None:
+        return list(range(num_examples))
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dim() != 1:
+        raise ConfigError("indices must be a 1-D integer tensor of global example ids")
+    if indices.numel() != num_examples:
+        raise ConfigError(
+            f"indices has {indices.numel()} entries but x has {num_examples} examples"
+        )
+    ids = [int(i) for i in indices.tolist()]
+    if ids and min(ids) < 0:
+        raise ConfigError(f"indices must be >= 0, got {min(ids)}")
+    return ids
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ConfigError("x must be a floating-point tensor of shape (N, C, H, W) in [0, 1]")
+
+
+def sample(
+    model: nn.Module,
+    x: Tensor,
+    n: int,
+    *,
+    num_classes: int,
+    seed: int = 0,
+    stream: int = ESTIMATION,
+    indices: Tensor | None = None,
+    batch_size: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    softmax: bool = False,
+    progress: bool = False,
+) -> Samples:
+    """Run ``n`` noisy forward passes of a randomized ``model`` per example of ``x``.
+
+    Args:
+        model: a network containing at least one :class:`~bench.noise.NoiseLayer` that runs
+            in its forward; maps ``(B, C, H, W)`` to ``(B, num_classes)`` scores. Evaluated in
+            ``eval()`` mode with noise multipliers 1 (both restored afterwards).
+        x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``, on the model's device. The model
+            must not modify its input in place (rows of one example share its memory).
+        n: draws per example.
+        num_classes: ``K``, the width of the model's output.
+        seed: run seed; with ``indices``, ``stream`` and ``block_size`` it fixes every draw.
+        stream: :data:`SELECTION`, :data:`ESTIMATION`, :data:`PREDICTION` or :data:`RESCORE`.
+        indices: ``(N,)`` global example ids (default ``arange(N)``); give the ids of a shard
+            to get exactly the draws the full set would get.
+        batch_size: rows per forward pass (default: from :data:`MEMORY_BUDGET_BYTES`). Does
+            not change the draws.
+        block_size: draws per seeded block; changing it changes the draws (part of the record).
+        softmax: also accumulate softmax sums and sums of squares.
+        progress: show a tqdm progress bar over the ``N * n`` rows.
+
+    Returns:
+        :class:`Samples` with tensors on ``x.device``.
+
+    Raises:
+        NotRandomizedError: (a ``ValueError``) if no noise layer runs in the forward.
+        ConfigError: for invalid arguments or a model output that is not ``(B, num_classes)``.
+    """
+    _check_input(x)
+    n = _check_int("n", n, 1)
+    num_classes = _check_int("num_classes", num_classes, 1)
+    block_size = _check_int("block_size", block_size, 1)
+    stream = _check_int("stream", stream, 0)
+    seed = _check_int("seed", seed, -(2**63))
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+    if not noise_layers(model):
+        raise NotRandomizedError(
+            f"sample() needs a randomized model (one with a NoiseLayer); got {type(model).__name__}"
+        )
+    num_examples = x.shape[0]
+    ids = _check_indices(indices, num_examples)
+    device = x.device
+    counts = torch.zeros(num_examples, num_classes, dtype=torch.int64, device=device)
+    sm_sum = sm_sq = None
+    if softmax:
+        sm_sum = torch.zeros(num_examples, num_classes, dtype=torch.float64, device=device)
+        sm_sq = torch.zeros_like(sm_sum)
+    if num_examples == 0:
+        return Samples(counts, n, sm_sum, sm_sq)
+
+    with torch.inference_mode(), _prediction_mode(model):
+        if batch_size is None:
+            sites, _, leaf_numel = _probe(model, x[:1])
+            batch_size = _default_batch_size(x, sites, leaf_numel, min(block_size, n))
+        runner = _Runner(model, x, ids, seed, stream, batch_size, num_classes)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_examples * n, desc="noise draws", unit="draw")
+        try:
+            for chunk in _plan(num_examples, n, block_size, batch_size):
+                runner.run(chunk, counts, sm_sum, sm_sq)
+                if bar is not None:
+                    bar.update(sum(r1 - r0 for _, _, _, r0, r1 in chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+    return Samples(counts, n, sm_sum, sm_sq)
+
+
+class _Runner:
+    """Evaluates forward passes made of block segments and accumulates their statistics.
+
+    Noise sites are discovered in the first forward pass (their kind and per-row shape are
+    then checked on every pass). Each site's noise is generated when the site asks for it: a
+    whole block straight into its rows of the site's buffer (the generator of each block is
+    seeded once and the sites draw from it in call order); a block split across passes is
+    generated once into a cache and sliced. A pass of one whole block makes no copies: its
+    input is an expanded view of the example. A pass packing several examples gathers them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        ids: list[int],
+        seed: int,
+        stream: int,
+        batch_size: int,
+        num_classes: int,
+    ) -> None:
+        self.model, self.x, self.ids = model, x, ids
+        self.seed, self.stream = seed, stream
+        self.batch_size, self.num_classes = batch_size, num_classes
+        self.sites: list[_Site] = []
+        self.sites_known = False
+        self.buffers: list[Tensor] = []
+        self.pool: dict[torch.device, list[torch.Generator]] = {}
+        self.cache_key: tuple[int, int] | None = None
+        self.cache_gens: dict[torch.device, torch.Generator] = {}
+        self.cache: list[Tensor] = []
+
+    def _generator(self, slot: int, device: torch.device) -> torch.Generator:
+        gens = self.pool.setdefault(device, [])
+        while len(gens) <= slot:
+            gens.append(torch.Generator(device=device))
+        return gens[slot]
+
+    def _site(self, k: int, kind: str, shape: torch.Size, like: Tensor, rows: int) -> _Site:
+        """Record (first pass) or check (later passes) the ``k``-th noise-layer call."""
+        if len(shape) == 0 or shape[0] != rows:
+            raise ConfigError(
+                f"noise layer {k} got an input of shape {tuple(shape)} in a pass of {rows} rows; "
+                "the sampling engine needs noise layers whose input keeps the batch dim first"
+            )
+        if k < len(self.sites):
+            site = self.sites[k]
+            if kind != site.kind or tuple(shape[1:]) != site.shape:
+                raise ConfigError(
+                    f"noise site {k} asked for {kind} noise of shape {tuple(shape)}; earlier "
+                    f"passes saw {site.kind} noise of shape (rows, *{site.shape})"
+                )
+            return site
+        if self.sites_known:
+            raise ConfigError(
+                f"the model called its noise layers more than the {len(self.sites)} times of "
+                "its first pass; the sampling engine needs a fixed sequence of noise sites"
+            )
+        site = _Site(kind, tuple(shape[1:]), like.dtype, like.device)
+        self.sites.append(site)
+        self.buffers.append(
+            torch.empty((self.batch_size, *site.shape), dtype=site.dtype, device=site.device)
+        )
+        return site
+
+    def _cached(self, e: int, b: int, rows: int, k: int) -> Tensor:
+        """Site ``k``'s noise for the whole block ``b`` of example ``e`` (a split block)."""
+        if self.cache_key != (e, b):
+            self.cache_key, self.cache_gens, self.cache = (e, b), {}, []
+        while len(self.cache) <= k:
+            site = self.sites[len(self.cache)]
+            g = self.cache_gens.get(site.device)
+            if g is None:
+                g = self.cache_gens[site.device] = torch.Generator(device=site.device)
+                g.manual_seed(block_seed(self.seed, self.ids[e], self.stream, b))
+            block = torch.empty((rows, *site.shape), dtype=site.dtype, device=site.device)
+            _fill_block(site, block, g)
+            self.cache.append(block)
+        return self.cache[k]
+
+    def run(
+        self,
+        chunk: list[_Segment],
+        counts: Tensor,
+        sm_sum: Tensor | None,
+        sm_sq: Tensor | None,
+    ) -> None:
+        num_rows = sum(r1 - r0 for _, _, _, r0, r1 in chunk)
+        e0, e1 = chunk[0][0], chunk[-1][0] + 1
+        row_example = None
+        if e1 - e0 == 1:
+            inp = self.x[e0 : e0 + 1].expand(num_rows, *self.x.shape[1:])
+        else:
+            per_example = np.zeros(e1 - e0, dtype=np.int64)
+            for e, _, _, r0, r1 in chunk:
+                per_example[e - e0] += r1 - r0
+            row_index = np.repeat(np.arange(e1 - e0), per_example)
+            row_example = torch.from_numpy(row_index).to(self.x.device)
+            inp = self.x[e0:e1].index_select(0, row_example)
+
+        calls = 0
+        seeded: set[tuple[int, torch.device]] = set()
+
+        def replay(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
+            nonlocal calls
+            k = calls
+            site = self._site(k, kind, shape, like, num_rows)
+            calls += 1
+            if len(chunk) == 1 and chunk[0][4] - chunk[0][3] < chunk[0][2]:
+                e, b, rows, r0, r1 = chunk[0]
+                return self._cached(e, b, rows, k)[r0:r1]
+            buf = self.buffers[k]
+            offset = 0
+            for slot, (e, b, rows, r0, r1) in enumerate(chunk):
+                view = buf[offset : offset + r1 - r0]
+                if r1 - r0 == rows:
+                    g = self._generator(slot, site.device)
+                    if (slot, site.device) not in seeded:
+                        g.manual_seed(block_seed(self.seed, self.ids[e], self.stream, b))
+                        seeded.add((slot, site.device))
+                    _fill_block(site, view, g)
+                else:
+                    view.copy_(self._cached(e, b, rows, k)[r0:r1])
+                offset += r1 - r0
+            return buf[:num_rows]
+
+        with noise_source(replay):
+            out = self.model(inp)
+        if not self.sites_known:
+            if calls == 0:
+                raise NotRandomizedError(
+                    f"no NoiseLayer of {type(self.model).__name__} ran in its forward pass"
+                )
+            self.sites_known = True
+        if calls != len(self.sites):
+            raise ConfigError(
+                f"the model called {calls} noise layers, its first pass {len(self.sites)}"
+            )
+        if out.dim() != 2 or out.shape != (num_rows, self.num_classes):
+            raise ConfigError(
+                f"model output has shape {tuple(out.shape)} for {num_rows} rows; expected "
+                f"({num_rows}, num_classes={self.num_classes})"
+            )
+        k = self.num_classes
+        pred = _argmax_rows(out)
+        if row_example is None:
+            counts[e0] += torch.bincount(pred, minlength=k)
+        else:
+            flat = row_example * k + pred
+            counts[e0:e1] += torch.bincount(flat, minlength=(e1 - e0) * k).view(e1 - e0, k)
+        if sm_sum is not None and sm_sq is not None:
+            p = torch.softmax(out.float(), dim=1).double()
+            if row_example is None:
+                sm_sum[e0] += p.sum(dim=0)
+                sm_sq[e0] += (p * p).sum(dim=0)
+            else:
+                sm_sum[e0:e1].index_add_(0, row_example, p)
+                sm_sq[e0:e1].index_add_(0, row_example, p * p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohen et al. (2019) randomized smoothing on a base classifier
+# ---------------------------------------------------------------------------------------------
+
+
+def _smoothed(model: nn.Module, x: Tensor, sigma: float) -> nn.Sequential:
+    if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+        raise ConfigError(f"sigma must be a positive finite number, got {sigma!r}")
+    return nn.Sequential(NoiseLayer("gaussian", float(sigma)).to(x.device), model)
+
+
+def _infer_classes(model: nn.Module, x: Tensor, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return _check_int("num_classes", num_classes, 2)
+    with torch.inference_mode(), _prediction_mode(model):
+        out = model(x[:1])
+    if out.dim() != 2:
+        raise ConfigError(f"base classifier output has shape {tuple(out.shape)}; expected (1, K)")
+    return _check_int("num_classes (inferred from the model output)", int(out.shape[1]), 2)
+
+
+def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is not None:
+        return _check_int("seed", seed, -(2**63))
+    if generator is not None:
+        return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
+    return 0
+
+
+def _check_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def smoothed_certify(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    num_classes: int | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    indices: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Cohen et al.'s CERTIFY for the Gaussian smoothing of a base classifier ``model``.
+
+    ``g(x) = argmax_c P(model(x + eps) = c)``, ``eps ~ N(0, sigma^2 I)`` in pixel units. ``n0``
+    draws (stream :data:`SELECTION`) pick ``c_hat``; ``n`` fresh draws (stream
+    :data:`ESTIMATION`) count ``n_A`` hits of ``c_hat``; ``p_lower`` is the one-sided
+    ``(1 - alpha)`` Clopper-Pearson lower bound on ``P(model(x + eps) = c_hat)``.
+
+    Guarantee: with probability ``>= 1 - alpha`` over the draws, if the label is not ``-1``
+    then ``g(x + delta) = label`` for every ``||delta||_2 < radius``.
+
+    Args:
+        model: base classifier (no noise layer needed), ``(B, C, H, W) -> (B, K)`` scores.
+        x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``.
+        sigma: noise standard deviation in pixel units.
+        n0, n: selection and estimation draws per example.
+        alpha: failure probability of the certificate.
+        num_classes: ``K``; inferred from one forward pass if ``None``.
+        batch_size: rows per forward pass (does not change the result).
+        generator: if ``seed`` is ``None``, the seed is one integer drawn from it.
+        seed: run seed (default 0); with ``indices`` it fixes every draw.
+        indices: ``(N,)`` global example ids (default ``arange(N)``).
+
+    Returns:
+        ``labels`` ``(N,)`` int64 (``-1`` = abstain, when ``p_lower < 0.5``) and ``radii``
+        ``(N,)`` float64 ``sigma * Phi^-1(p_lower)`` (``0.0`` on abstain), on ``x.device``.
+    """
+    _check_input(x)
+    alpha = _check_alpha(alpha)
+    n0 = _check_int("n0", n0, 1)
+    n = _check_int("n", n, 1)
+    k = _infer_classes(model, x, num_classes)
+    run_seed = _resolve_seed(seed, generator)
+    smoothed = _smoothed(model, x, sigma)
+    if batch_size is None:  # one dry run serves both passes
+        batch_size = default_batch_size(smoothed, x, n=n)
+    common = dict(num_classes=k, seed=run_seed, indices=indices, batch_size=batch_size)
+    selection = sample(smoothed, x, n0, stream=SELECTION, **common)
+    c_hat = selection.counts.argmax(dim=1)
+    estimation = sample(smoothed, x, n, stream=ESTIMATION, **common)
+    n_a = estimation.counts.gather(1, c_hat[:, None])[:, 0].cpu().numpy()
+    p_lower = torch.as_tensor(lower_confidence_bound(n_a, n, alpha), dtype=torch.float64)
+    certified = p_lower >= 0.5
+    radii = torch.where(
+        certified,
+        float(sigma) * torch.as_tensor(norm.ppf(p_lower.numpy()), dtype=torch.float64),
+        torch.zeros_like(p_lower),
+    )
+    labels = torch.where(certified, c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))
+    return labels.to(x.device), radii.to(x.device)
+
+
+def smoothed_predict(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float,
+    n: int,
+    alpha: float,
+    num_classes: int | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    indices: Tensor | None = None,
+) -> Tensor:
+    """Cohen et al.'s PREDICT for the Gaussian smoothing of a base classifier ``model``.
+
+    ``n`` draws (stream :data:`PREDICTION`); with top two counts ``c1 >= c2``, abstain if the
+    two-sided binomial test of ``c1`` successes in ``c1 + c2`` trials at ``p = 1/2`` has
+    p-value ``> alpha``. Guarantee: the returned label differs from ``g(x)`` (and is not
+    ``-1``) with probability ``<= alpha``.
+
+    Arguments as for :func:`smoothed_certify`. Returns ``(N,)`` int64 labels on ``x.device``,
+    ``-1`` = abstain.
+    """
+    _check_input(x)
+    alpha = _check_alpha(alpha)
+    n = _check_int("n", n, 1)
+    k = _infer_classes(model, x, num_classes)
+    run_seed = _resolve_seed(seed, generator)
+    samples = sample(
+        _smoothed(model, x, sigma),
+        x,
+        n,
+        num_classes=k,
+        seed=run_seed,
+        stream=PREDICTION,
+        indices=indices,
+        batch_size=batch_size,
+    )
+    top = torch.topk(samples.counts, 2, dim=1)
+    c1 = top.values[:, 0].cpu().numpy()
+    c2 = top.values[:, 1].cpu().numpy()
+    pvalues = torch.as_tensor(binomial_test_pvalue(c1, c2), dtype=torch.float64)
+    label = samples.counts.argmax(dim=1).cpu()
+    labels = torch.where(pvalues > alpha, torch.full_like(label, -1), label)
+    return labels.to(x.device)

@@ -1,0 +1,240 @@
+"""The certbench command line: results, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from bench.cli import main
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("certbench: warning")]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("certbench: error: ")
+    return lines[0]
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "train", "eval", "certify", "attack", "defenses", "leaderboard", "plot"):
+        assert cmd in out
+
+
+def test_unknown_model_is_one_line(capsys):
+    rc, _, err = _run(capsys, "train", "--model", "nope", "--out", "/tmp/x", "--epochs", "1")
+    assert rc == 2
+    assert "unknown model 'nope'" in _one_line_error(err)
+
+
+def test_missing_data_dir_is_one_line(capsys, tmp_path):
+    rc, _, err = _run(
+        capsys,
+        "eval",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        "x.pth",
+    )
+    assert rc == 2
+    line = _one_line_error(err)
+    assert str(tmp_path / "none") in line and "does not exist" in line
+
+
+def test_corrupted_idx_is_one_line(capsys, tmp_path, fashion_dir):
+    for f in fashion_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(bad.read_bytes())
+    bad.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + raw[4:1000]))  # wrong magic, truncated
+    rc, _, err = _run(
+        capsys,
+        "eval",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(tmp_path),
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        "x.pth",
+    )
+    assert rc == 2
+    line = _one_line_error(err)
+    assert "t10k-images-idx3-ubyte.gz" in line and "magic" in line
+
+
+def test_bad_argument_is_one_line(capsys):
+    rc, _, err = _run(capsys, "certify", "--norm", "l7", "--checkpoint", "x")
+    assert rc == 2
+    assert "l7" in _one_line_error(err)
+
+
+def test_bad_param_value_is_one_line(capsys, tmp_path):
+    rc, _, err = _run(
+        capsys,
+        "train",
+        "--defense",
+        "randomized-smoothing",
+        "--param",
+        "sigma=-1",
+        "--out",
+        str(tmp_path / "ck"),
+        "--epochs",
+        "1",
+    )
+    assert rc == 2
+    assert "sigma" in _one_line_error(err)
+
+
+def test_train_then_eval_digits(capsys, tmp_path):
+    ck = tmp_path / "undef"
+    rc, _, err = _run(
+        capsys,
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "8",
+        "--lr",
+        "0.003",
+        "--out",
+        str(ck),
+        "--quiet",
+        "--output",
+        str(tmp_path / "train.json"),
+    )
+    assert rc == 0, err
+    trained = json.loads((tmp_path / "train.json").read_text())
+    assert trained["test_accuracy"] >= 0.9
+    rc, _, err = _run(
+        capsys,
+        "eval",
+        "--dataset",
+        "digits",
+        "--checkpoint",
+        str(ck),
+        "--quiet",
+        "--output",
+        str(tmp_path / "eval.json"),
+    )
+    assert rc == 0, err
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["accuracy"] == trained["test_accuracy"]
+    assert isinstance(evaluated["accuracy"], float)
+
+
+def test_eval_released_wong_kolter_weights(capsys, tmp_path, fashion_dir, wk_reference):
+    rc, _, err = _run(
+        capsys,
+        "eval",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        str(wk_reference),
+        "--quiet",
+        "--output",
+        str(tmp_path / "e.json"),
+    )
+    assert rc == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["n_test"] == 10000
+    assert res["accuracy"] == pytest.approx(0.7827, abs=5e-5)
+
+
+def test_certify_released_wong_kolter_first_100(capsys, tmp_path, fashion_dir, wk_reference):
+    """First 100 test images at linf 0.1: 75 correct, 60 certified (exact counts)."""
+    rc, _, err = _run(
+        capsys,
+        "certify",
+        "--defense",
+        "wong-kolter",
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        str(wk_reference),
+        "--dataset",
+        "fashion-mnist",
+        "--norm",
+        "linf",
+        "--eps",
+        "0.1",
+        "--limit",
+        "100",
+        "--quiet",
+        "--output",
+        str(tmp_path / "c.json"),
+    )
+    assert rc == 0, err
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert (res["n_correct"], res["n_certified"]) == (75, 60)
+
+
+@pytest.mark.slow
+def test_certify_released_wong_kolter_first_1000(capsys, tmp_path, fashion_dir, wk_reference):
+    """The CI slice of the full reproduction (README): 793 correct, 653 certified."""
+    rc, _, err = _run(
+        capsys,
+        "certify",
+        "--defense",
+        "wong-kolter",
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        str(wk_reference),
+        "--dataset",
+        "fashion-mnist",
+        "--norm",
+        "linf",
+        "--eps",
+        "0.1",
+        "--limit",
+        "1000",
+        "--quiet",
+        "--output",
+        str(tmp_path / "c.json"),
+    )
+    assert rc == 0, err
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert (res["n_correct"], res["n_certified"]) == (793, 653)
+
+
+def test_defenses_list_and_show(capsys):
+    rc, out, _ = _run(capsys, "defenses", "list")
+    assert rc == 0
+    for name in ("undefended", "pixeldp", "randomized-smoothing", "madry", "wong-kolter"):
+        assert name in out
+    rc, out, _ = _run(capsys, "defenses", "show", "pixeldp")
+    assert rc == 0 and "construction_bound" in out and "randomized: True" in out
+    rc, _, err = _run(capsys, "defenses", "show", "nope")
+    assert rc == 2 and "known defenses" in _one_line_error(err)
+
+
+def test_bad_spec_is_one_line(capsys, tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "x"\n[data]\ndataset = "digitz"\n[[defenses]]\nname = "undefended"\n')
+    rc, _, err = _run(capsys, "run", str(spec), "--store", str(tmp_path / "s.sqlite"))
+    assert rc == 2
+    line = _one_line_error(err)
+    assert "bad.toml" in line and "digitz" in line

@@ -1,0 +1,460 @@
+"""Tests of the noise-sampling engine (bench/sampling.py).
+
+Oracles: the documented seeding contract recomputed by hand (splitmix64 reference values,
+one generator per (example, block)), torch's own RNG for the distribution of noisy outputs,
+scipy's Laplace/normal laws, ART's PyTorchRandomizedSmoothing.certify, and the exact
+binomial law of the Clopper-Pearson failure event.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import Tensor, nn
+
+from bench.errors import ConfigError
+from bench.noise import NoiseLayer, sample_standard
+from bench.sampling import (
+    ESTIMATION,
+    PREDICTION,
+    RESCORE,
+    SELECTION,
+    Samples,
+    block_seed,
+    sample,
+    smoothed_certify,
+    smoothed_predict,
+)
+
+K = 10
+
+
+def _base_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, K),
+    )
+
+
+def _inputs(n: int = 10, seed: int = 1) -> Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class _Recorder(nn.Module):
+    """Identity-ish head that records every row it sees (the noisy input) and returns K scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Tensor] = []
+
+    def forward(self, h: Tensor) -> Tensor:
+        self.rows.append(h.clone())
+        return h.flatten(1)[:, :K]
+
+    def recorded(self, num_examples: int, n: int) -> Tensor:
+        """(N, n, *row_shape): rows are processed example-major, then draw by draw.
+
+        Only the last N * n rows count: before them may come the engine's one-row dry run.
+        """
+        rows = torch.cat(self.rows)[-num_examples * n :]
+        return rows.view(num_examples, n, *rows.shape[1:])
+
+
+def _expected_noise(
+    kind: str,
+    shape: tuple[int, ...],
+    *,
+    seed: int,
+    index: int,
+    stream: int,
+    n: int,
+    block_size: int,
+) -> Tensor:
+    """The contract: block b of example `index` is one draw of a generator seeded block_seed."""
+    blocks = []
+    for b in range(-(-n // block_size)):
+        rows = min(block_size, n - b * block_size)
+        g = torch.Generator().manual_seed(block_seed(seed, index, stream, b))
+        blocks.append(sample_standard(kind, (rows, *shape), generator=g))
+    return torch.cat(blocks)
+
+
+# --------------------------------------------------------------------------- seeding contract
+def test_splitmix64_reference_values() -> None:
+    # Vigna's splitmix64 started at state 0 outputs 0xE220A8397B1DCDAF first; block_seed
+    # chains it, so block_seed(0, 0, 0, 0) is splitmix64 applied four times to that chain.
+    from bench.sampling import _splitmix64
+
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    seeds = {
+        block_seed(s, i, t, b)
+        for s in range(3)
+        for i in range(3)
+        for t in range(4)
+        for b in range(3)
+    }
+    assert len(seeds) == 3 * 3 * 4 * 3  # distinct fields give distinct seeds
+    assert all(0 <= s < 2**64 for s in seeds)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplace"])
+def test_draws_follow_the_per_example_block_contract(kind: str) -> None:
+    rec = _Recorder()
+    model = nn.Sequential(NoiseLayer(kind, 1.0), rec)
+    x = torch.zeros(3, 1, 4, 4)
+    n, block = 25, 10
+    sample(
+        model,
+        x,
+        n,
+        num_classes=K,
+        seed=7,
+        stream=RESCORE,
+        indices=torch.tensor([5, 0, 9]),
+        batch_size=12,
+        block_size=block,
+    )
+    got = rec.recorded(3, n)
+    for row, index in enumerate([5, 0, 9]):
+        want = _expected_noise(
+            kind, (1, 4, 4), seed=7, index=index, stream=RESCORE, n=n, block_size=block
+        )
+        assert torch.equal(got[row], want)
+
+
+def test_streams_and_seeds_give_different_draws() -> None:
+    x = torch.zeros(2, 1, 4, 4)
+    draws = {}
+    for key in [(0, SELECTION), (0, ESTIMATION), (0, PREDICTION), (0, RESCORE), (1, SELECTION)]:
+        rec = _Recorder()
+        sample(
+            nn.Sequential(NoiseLayer("gaussian", 1.0), rec),
+            x,
+            50,
+            num_classes=K,
+            seed=key[0],
+            stream=key[1],
+        )
+        draws[key] = rec.recorded(2, 50)
+    keys = list(draws)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            # Independent N(0,1) draws: equal only with probability 0.
+            assert not torch.isclose(draws[a], draws[b]).any(), (a, b)
+    # and the two examples of one call differ from each other too
+    assert not torch.isclose(draws[keys[0]][0], draws[keys[0]][1]).any()
+
+
+# --------------------------------------------------------------------------- invariance
+def test_counts_independent_of_batch_size() -> None:
+    model = nn.Sequential(NoiseLayer("gaussian", 0.5), _base_cnn())
+    x = _inputs(5)
+    n = 2500  # blocks of 1000, 1000, 500: whole, split and partial blocks all occur
+    ref = sample(model, x, n, num_classes=K, seed=3, softmax=True)
+    assert ref.counts.dtype == torch.int64 and ref.counts.shape == (5, K)
+    assert torch.equal(ref.counts.sum(1), torch.full((5,), n))
+    assert ref.counts.max() < n  # noise really changes the predictions
+    for bs in (7, 64, 1000, 1500, 30000):
+        s = sample(model, x, n, num_classes=K, seed=3, batch_size=bs, softmax=True)
+        assert torch.equal(s.counts, ref.counts), bs
+        assert s.softmax_sum is not None and ref.softmax_sum is not None
+        # float64 sums of float32 softmaxes: grouping may change rounding only (n * 1e-6).
+        torch.testing.assert_close(s.softmax_sum, ref.softmax_sum, rtol=0, atol=n * 1e-6)
+    # a different block_size is a different (recorded) set of draws
+    other = sample(model, x, n, num_classes=K, seed=3, block_size=300)
+    assert not torch.equal(other.counts, ref.counts)
+
+
+def test_certify_independent_of_sharding_and_order() -> None:
+    base = _base_cnn()
+    x = _inputs()
+    kw = dict(sigma=0.25, n0=50, n=400, alpha=0.01, num_classes=K, seed=11)
+    labels, radii = smoothed_certify(base, x, **kw)
+    assert labels.dtype == torch.int64 and radii.dtype == torch.float64
+    assert (labels >= 0).any() and (radii > 0).any()
+    l1, r1 = smoothed_certify(base, x[:4], indices=torch.arange(4), batch_size=33, **kw)
+    l2, r2 = smoothed_certify(base, x[4:], indices=torch.arange(4, 10), batch_size=1000, **kw)
+    assert torch.equal(torch.cat([l1, l2]), labels)
+    assert torch.equal(torch.cat([r1, r2]), radii)
+    perm = torch.tensor([9, 3, 0, 7, 1, 8, 2, 6, 5, 4])
+    lp, rp = smoothed_certify(base, x[perm], indices=perm, **kw)
+    assert torch.equal(lp, labels[perm]) and torch.equal(rp, radii[perm])
+
+
+def test_noise_inside_the_network() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        NoiseLayer("gaussian", 0.3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, K),
+    )
+    x = _inputs(4)
+    n = 3000
+    ref = sample(model, x, n, num_classes=K, seed=5)
+    assert torch.equal(ref.counts.sum(1), torch.full((4,), n))
+    assert torch.equal(sample(model, x, n, num_classes=K, seed=5, batch_size=77).counts, ref.counts)
+    # Oracle: the same network with torch's global RNG as noise. Per class, the two
+    # frequencies are independent Binomial(n, p)/n estimates; their difference has sd
+    # sqrt(2 p (1-p) / n) <= sqrt(0.5 / 3000) = 0.013, so 5 sd (with p estimated) bounds it.
+    torch.manual_seed(123)
+    with torch.no_grad():
+        direct = torch.stack(
+            [
+                torch.bincount(model(xi[None].expand(n, -1, -1, -1)).argmax(1), minlength=K)
+                for xi in x
+            ]
+        )
+    p1, p2 = ref.counts / n, direct / n
+    pbar = (p1 + p2) / 2
+    sd = torch.sqrt(2 * pbar * (1 - pbar) / n).clamp_min(1e-3)
+    assert ((p1 - p2).abs() <= 5 * sd).all()
+
+
+def test_laplace_noise_distribution() -> None:
+    rec = _Recorder()
+    model = nn.Sequential(NoiseLayer("laplace", 2.0), rec)
+    sample(model, torch.zeros(2, 1, 4, 4), 1500, num_classes=K, seed=1)
+    z = rec.recorded(2, 1500).flatten().double().numpy() / 2.0  # standard Laplace draws
+    # Seeded Kolmogorov-Smirnov test against Laplace(0, 1) on 48 000 draws.
+    assert stats.kstest(z, stats.laplace.cdf).pvalue > 1e-3
+    # and a Gaussian would be rejected by the same test (the test has power)
+    assert stats.kstest(z, stats.norm(scale=math.sqrt(2)).cdf).pvalue < 1e-6
+
+
+def test_softmax_sums_match_direct_computation() -> None:
+    rec = _Recorder()
+    model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
+    x = _inputs(3)[:, :, :4, :4]
+    s = sample(model, x, 120, num_classes=K, seed=2, softmax=True, batch_size=50, block_size=40)
+    logits = rec.recorded(3, 120).flatten(2)[:, :, :K].double()
+    p = torch.softmax(logits, dim=2)
+    torch.testing.assert_close(s.softmax_sum, p.sum(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.softmax_sq_sum, (p * p).sum(1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(
+        s.counts, torch.stack([torch.bincount(r.argmax(1), minlength=K) for r in logits])
+    )
+
+
+# --------------------------------------------------------------------------- errors and state
+def test_rejects_models_without_noise() -> None:
+    with pytest.raises(ValueError, match="randomized"):
+        sample(_base_cnn(), _inputs(2), 10, num_classes=K)
+    with pytest.raises(ConfigError, match="num_classes"):
+        sample(
+            nn.Sequential(NoiseLayer("gaussian", 0.1), _base_cnn()), _inputs(2), 10, num_classes=3
+        )
+    with pytest.raises(ConfigError, match="n must be"):
+        sample(
+            nn.Sequential(NoiseLayer("gaussian", 0.1), _base_cnn()), _inputs(2), 0, num_classes=K
+        )
+    with pytest.raises(ConfigError, match="indices"):
+        sample(
+            nn.Sequential(NoiseLayer("gaussian", 0.1), _base_cnn()),
+            _inputs(2),
+            5,
+            num_classes=K,
+            indices=torch.arange(3),
+        )
+
+
+def test_restores_training_mode_and_multiplier() -> None:
+    layer = NoiseLayer("gaussian", 0.5)
+    layer.multiplier = 0.1
+    rec = _Recorder()
+    model = nn.Sequential(layer, rec).train()
+    sample(model, torch.zeros(1, 1, 4, 4), 2000, num_classes=K)
+    assert model.training and layer.multiplier == 0.1
+    # the draws used multiplier 1: the sample sd is 0.5 (+- 3.5 sd of the estimate, 32 000 draws)
+    sd = rec.recorded(1, 2000).std().item()
+    assert abs(sd - 0.5) < 3.5 * 0.5 / math.sqrt(2 * 32000)
+
+
+def test_empty_input() -> None:
+    s = sample(
+        nn.Sequential(NoiseLayer("gaussian", 0.1), _base_cnn()),
+        torch.zeros(0, 1, 8, 8),
+        10,
+        num_classes=K,
+    )
+    assert isinstance(s, Samples) and s.counts.shape == (0, K)
+
+
+# --------------------------------------------------------------------------- Cohen PREDICT
+class _Fixed(nn.Module):
+    """Base classifier whose argmax is class 0 iff pixel 0 is below a threshold t."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, z: Tensor) -> Tensor:
+        d = self.t - z.flatten(1)[:, :1]
+        return torch.cat([d, -d], dim=1)
+
+
+def test_smoothed_predict() -> None:
+    x = torch.zeros(4, 1, 2, 2)
+    # p(class 0) = Phi(2) = 0.977: binomtest p-value is astronomically small -> predict 0
+    assert torch.equal(
+        smoothed_predict(_Fixed(0.5), x, sigma=0.25, n=500, alpha=0.001),
+        torch.zeros(4, dtype=torch.int64),
+    )
+    # p = 1/2 exactly: the test rejects with probability <= alpha, here seeded -> abstain
+    labels = smoothed_predict(_Fixed(0.0), x, sigma=0.25, n=500, alpha=0.001, seed=4)
+    assert torch.equal(labels, torch.full((4,), -1))
+    g = torch.Generator().manual_seed(0)
+    a = smoothed_predict(_base_cnn(), _inputs(3), sigma=0.2, n=300, alpha=0.01, generator=g)
+    assert a.shape == (3,) and a.dtype == torch.int64
+
+
+# --------------------------------------------------------------------------- vs ART
+def test_certify_agrees_with_art_in_distribution() -> None:
+    art_rs = pytest.importorskip("art.estimators.certification.randomized_smoothing")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        base[1].weight.mul_(4.0)
+    m = 80
+    x = _inputs(m, seed=9)
+    sigma, n0, n, alpha = 0.25, 50, 500, 0.01
+    labels, radii = smoothed_certify(base, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=2)
+    art = art_rs.PyTorchRandomizedSmoothing(
+        model=base,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=(1, 8, 8),
+        nb_classes=3,
+        device_type="cpu",
+        sample_size=n0,
+        scale=sigma,
+        alpha=alpha,
+    )
+    np.random.seed(0)  # ART draws its noise with numpy's global RNG
+    art_labels, art_radii = art.certify(x.numpy(), n=n, batch_size=256)
+    ours_r, art_r = radii.numpy(), np.asarray(art_radii, dtype=np.float64)
+    ours_abstain, art_abstain = labels.numpy() < 0, np.asarray(art_labels) < 0
+    # Spread of p_A over the inputs (otherwise the comparison says little).
+    assert 0.05 < ours_abstain.mean() < 0.95 and ours_r.max() > 0.1
+    # Paired comparison on the same m inputs: d_i = ours_i - art_i has mean 0 if both draw
+    # from the same law; |mean d| <= 4 * sd(d) / sqrt(m) fails by chance w.p. ~6e-5.
+    for a, b in ((ours_r, art_r), (ours_abstain.astype(float), art_abstain.astype(float))):
+        d = a - b
+        assert abs(d.mean()) <= 4 * d.std(ddof=1) / math.sqrt(m) + 1e-12
+    # Where both certify they agree on the class (c_hat has p_A > 1/2 there).
+    both = ~ours_abstain & ~art_abstain
+    assert both.any() and (labels.numpy()[both] == np.asarray(art_labels)[both]).all()
+    # Radii never exceed the bound attainable with n draws: sigma * Phi^-1(alpha^(1/n)).
+    r_max = sigma * stats.norm.ppf(alpha ** (1 / n))
+    assert ours_r.max() <= r_max + 1e-12
+
+
+# --------------------------------------------------------------------------- coverage
+@pytest.mark.statistical
+def test_certified_bound_covers_known_p_a() -> None:
+    # Base classifier: class 0 iff noise on pixel 0 < t (x = 0), so p_A = Phi(t / sigma) and the
+    # true smoothed radius is sigma * Phi^-1(p_A) = t. The certificate over-claims (p_lower >
+    # p_A, i.e. radius > t) with probability q = P(LCB(N_A) > p_A), N_A ~ Binomial(n, p_A),
+    # which Clopper-Pearson keeps <= alpha. We compute q exactly and check that the observed
+    # failure rate over m independent examples is within 3 sd of q (and q <= alpha).
+    sigma, p_a, n, alpha, m = 0.5, 0.9, 400, 0.05, 1000
+    t = sigma * stats.norm.ppf(p_a)
+    from bench.stats import lower_confidence_bound
+
+    k = np.arange(n + 1)
+    fails = np.asarray(lower_confidence_bound(k, n, alpha)) > p_a
+    q = float(stats.binom.pmf(k[fails], n, p_a).sum())
+    assert q <= alpha
+    labels, radii = smoothed_certify(
+        _Fixed(t),
+        torch.zeros(m, 1, 1, 1),
+        sigma=sigma,
+        n0=20,
+        n=n,
+        alpha=alpha,
+        num_classes=2,
+        seed=2024,
+    )
+    assert (labels == 0).all()
+    rate = (radii.numpy() > t + 1e-12).mean()
+    sd = math.sqrt(q * (1 - q) / m)
+    assert abs(rate - q) <= 3 * sd, (rate, q, sd)
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / m)
+
+
+def test_certify_uses_fresh_estimation_draws() -> None:
+    # CERTIFY = argmax of the SELECTION-stream counts, bound from the ESTIMATION-stream counts.
+    base = _base_cnn()
+    x = _inputs(6)
+    sigma, n0, n, alpha = 0.5, 30, 200, 0.05
+    labels, radii = smoothed_certify(base, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=8)
+    noisy = nn.Sequential(NoiseLayer("gaussian", sigma), base)
+    sel = sample(noisy, x, n0, num_classes=K, seed=8, stream=SELECTION).counts
+    est = sample(noisy, x, n, num_classes=K, seed=8, stream=ESTIMATION).counts
+    c_hat = sel.argmax(1)
+    n_a = est.gather(1, c_hat[:, None])[:, 0].numpy()
+    # statsmodels' Clopper-Pearson interval, as Cohen et al. and ART use it
+    from statsmodels.stats.proportion import proportion_confint
+
+    p_lower = proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0]
+    want_r = np.where(p_lower >= 0.5, sigma * stats.norm.ppf(p_lower), 0.0)
+    want_l = np.where(p_lower >= 0.5, c_hat.numpy(), -1)
+    assert (want_l >= 0).any() and (want_l < 0).any()
+    np.testing.assert_array_equal(labels.numpy(), want_l)
+    np.testing.assert_allclose(radii.numpy(), want_r, rtol=1e-9, atol=0)
+
+
+def test_two_noise_sites_and_progress_bar() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        NoiseLayer("gaussian", 0.2),
+        nn.Conv2d(1, 4, 3, padding=1),
+        NoiseLayer("laplace", 0.3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, K),
+    )
+    x = _inputs(3)
+    ref = sample(model, x, 700, num_classes=K, seed=1, block_size=250, progress=True)
+    assert torch.equal(ref.counts.sum(1), torch.full((3,), 700))
+    for bs in (13, 250, 2100):
+        s = sample(model, x, 700, num_classes=K, seed=1, block_size=250, batch_size=bs)
+        assert torch.equal(s.counts, ref.counts), bs
+
+
+class _Tap(nn.Module):
+    """Records its input and passes it on unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Tensor] = []
+
+    def forward(self, h: Tensor) -> Tensor:
+        self.rows.append(h.clone())
+        return h
+
+
+def test_sites_of_equal_shape_get_different_noise() -> None:
+    tap1, tap2 = _Tap(), _Tap()
+    model = nn.Sequential(
+        NoiseLayer("gaussian", 1.0), tap1, NoiseLayer("gaussian", 1.0), tap2, _Recorder()
+    )
+    sample(model, torch.zeros(2, 1, 4, 4), 30, num_classes=K, block_size=10, batch_size=25)
+    z1 = torch.cat(tap1.rows)[-60:]
+    z2 = torch.cat(tap2.rows)[-60:] - z1
+    assert z1.shape == (60, 1, 4, 4)
+    assert not torch.isclose(z1, z2).any()
+    # The first site's noise is the block generator's first draw (the documented contract).
+    want = _expected_noise(
+        "gaussian", (1, 4, 4), seed=0, index=1, stream=ESTIMATION, n=30, block_size=10
+    )
+    assert torch.equal(z1[30:], want)
