@@ -11,6 +11,7 @@ line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -551,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM ends the run like Ctrl-C: finished cells stay stored, nothing is half-written."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner thread)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"certbench: warning: {message}\n"
 
@@ -559,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``certbench`` console script; returns the exit status."""
     t0 = time.perf_counter()
     warnings.formatwarning = _one_line_warning
+    _terminate_as_interrupt()
     try:
         args = build_parser().parse_args(argv)
         args._t0 = t0
