@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from attacks.base import (
     DEFAULT_DRAWS,
+    PGD_DEFAULTS,
     check_float,
     check_int,
+    pgd_resolver,
     register_attack,
-    resolve_step_size,
 )
 from attacks.eot import ExpectationOverNoise
 from bench.errors import ConfigError
@@ -62,17 +63,12 @@ def _to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
-def _resolve_pgd(params: dict[str, Any], defense: Any, norm: Any, eps: float | None) -> None:
-    resolve_step_size(params, eps, key="art:pgd")
-    params["random_start"] = bool(params["random_start"])
-
-
 @register_attack(
     "art",
     "pgd",
     norms=("linf", "l2"),
-    defaults={"steps": 40, "step_size": None, "random_start": True, "draws": DEFAULT_DRAWS},
-    resolve=_resolve_pgd,
+    defaults=PGD_DEFAULTS,
+    resolve=pgd_resolver("art:pgd"),
     summary="ART ProjectedGradientDescent on the expectation-over-noise scores",
 )
 def _pgd(

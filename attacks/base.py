@@ -224,6 +224,26 @@ def resolve_step_size(
         params["step_size"] = check_float(key, "step_size", params["step_size"], strict=True)
 
 
+#: Parameters shared by every PGD adapter (certbench, torchattacks, ART).
+PGD_DEFAULTS: dict[str, Any] = {
+    "steps": 40,
+    "step_size": None,
+    "random_start": True,
+    "draws": DEFAULT_DRAWS,
+}
+
+
+def pgd_resolver(key: str):
+    """The ``resolve`` hook of a PGD adapter registered as ``key`` (e.g. ``"art:pgd"``):
+    step size from eps and steps when not given, ``random_start`` as a bool."""
+
+    def resolve(params: dict[str, Any], defense: Any, norm: Any, eps: float | None) -> None:
+        resolve_step_size(params, eps, key=key)
+        params["random_start"] = bool(params["random_start"])
+
+    return resolve
+
+
 def defense_is_randomized(defense: Defense) -> bool:
     """True if the defense declares itself randomized or its network has a noise layer."""
     model = getattr(defense, "model_", None)

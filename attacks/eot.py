@@ -44,12 +44,13 @@ from torch import Tensor, nn
 
 from attacks.base import (
     DEFAULT_DRAWS,
+    PGD_DEFAULTS,
     check_int,
     defense_is_randomized,
+    pgd_resolver,
     project,
     random_in_ball,
     register_attack,
-    resolve_step_size,
 )
 from bench.errors import ConfigError
 from defenses.base import Defense
@@ -159,17 +160,12 @@ def eot_pgd(
     return x_adv
 
 
-def _resolve_pgd(params: dict[str, Any], defense: Any, norm: Any, eps: float | None) -> None:
-    resolve_step_size(params, eps, key="certbench:pgd")
-    params["random_start"] = bool(params["random_start"])
-
-
 @register_attack(
     "certbench",
     "pgd",
     norms=("linf", "l2"),
-    defaults={"steps": 40, "step_size": None, "random_start": True, "draws": DEFAULT_DRAWS},
-    resolve=_resolve_pgd,
+    defaults=PGD_DEFAULTS,
+    resolve=pgd_resolver("certbench:pgd"),
     summary="PGD on the mean of per-draw CE gradients (EOT), sign step (linf) or "
     "normalised mean gradient (l2); the default attack",
 )

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from attacks.base import (
     DEFAULT_DRAWS,
+    PGD_DEFAULTS,
     check_float,
     check_int,
+    pgd_resolver,
     register_attack,
-    resolve_step_size,
 )
 from attacks.eot import ExpectationOverNoise
 from bench.errors import ConfigError
@@ -73,17 +74,12 @@ def _fgsm(
     return ta.FGSM(ExpectationOverNoise(defense, draws), eps=eps)(x, y)
 
 
-def _resolve_pgd(params: dict[str, Any], defense: Any, norm: Any, eps: float | None) -> None:
-    resolve_step_size(params, eps, key="torchattacks:pgd")
-    params["random_start"] = bool(params["random_start"])
-
-
 @register_attack(
     "torchattacks",
     "pgd",
     norms=("linf", "l2"),
-    defaults={"steps": 40, "step_size": None, "random_start": True, "draws": DEFAULT_DRAWS},
-    resolve=_resolve_pgd,
+    defaults=PGD_DEFAULTS,
+    resolve=pgd_resolver("torchattacks:pgd"),
     summary="torchattacks.PGD (linf) / PGDL2 (l2) on the expectation-over-noise scores",
 )
 def _pgd(

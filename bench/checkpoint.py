@@ -56,6 +56,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor], record: dict[str
 
     tensors_path, record_path = checkpoint_paths(path)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # Drop an old record first: a kill between the two writes then leaves no record (an
+    # incomplete checkpoint that nothing loads), never an old record beside new tensors.
+    record_path.unlink(missing_ok=True)
     _atomic_write_bytes(tensors_path, save(contiguous))
     full = {"format": "certbench-checkpoint", "format_version": FORMAT_VERSION, **record}
     _atomic_write_bytes(record_path, json.dumps(full, indent=2, sort_keys=True).encode())

@@ -577,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._t0 = t0
         return int(args.func(args) or 0)
     except CertbenchError as exc:
-        print(f"certbench: error: {exc}", file=sys.stderr)
+        print(f"certbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(

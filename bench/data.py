@@ -478,7 +478,9 @@ def _unpickle_dict(path: Path) -> dict[Any, Any]:
                 f"not contain (allowed: dicts, lists, str/bytes, numbers, numpy arrays)"
             ) from None
         except MemoryError:
-            raise
+            raise DataError(
+                f"{path}: the pickle declares an object too large to load (corrupt file?)"
+            ) from None
         except Exception as e:  # a malformed pickle can fail in many ways; name the file
             raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
@@ -555,7 +557,7 @@ def _read_svhn_split(path: Path, limit: int | None) -> tuple[Tensor, Tensor]:
     except NotImplementedError as e:  # MATLAB v7.3 (HDF5) files
         raise DataError(f"{path}: unsupported .mat version ({e}); save as MATLAB v5") from e
     except MemoryError:
-        raise
+        raise DataError(f"{path}: the .mat file declares arrays too large to load") from None
     except Exception as e:  # scipy raises many types for corrupt files; name the file
         raise DataError(f"{path}: not a readable .mat file ({type(e).__name__}: {e})") from e
     for key in ("X", "y"):

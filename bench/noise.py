@@ -51,8 +51,10 @@ def sample_standard(
     if kind == "laplace":
         u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
         v = u.mul_(2.0).sub_(1.0)  # uniform on [-1, 1)
-        mag = torch.log1p(-v.abs()).clamp_(min=torch.finfo(dtype).min).neg_()
-        mag = torch.where(torch.isfinite(mag), mag, torch.full_like(mag, 88.0))
+        # |v| = 1 only when rand returns exactly 0; cap it just below 1 so the magnitude stays
+        # finite (24·ln 2 ≈ 16.6 in float32) instead of -log(0) = inf.
+        top = 1.0 - torch.finfo(dtype).eps / 2
+        mag = torch.log1p(-v.abs().clamp_(max=top)).neg_()
         return mag.mul_(torch.sign(v))
     raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
 

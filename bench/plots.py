@@ -72,7 +72,8 @@ def render_board(board: Board) -> bytes:
     unit = "input units, pixels in [0, 1]"
     panels = _panels(board) or ["accuracy"]
     names = display_names(board)
-    fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
+    legend_width = 0.0 if panels == ["accuracy"] else 3.6
+    fig = Figure(figsize=(5.2 * len(panels) + legend_width, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colors = [f"C{i % 10}" for i in range(len(board.rows))]
@@ -87,6 +88,15 @@ def render_board(board: Board) -> bytes:
             _line_panel(ax, board, panel, names, colors, sym, unit)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
+    if panels != ["accuracy"]:
+        # One legend for the figure (a defense has the same colour in every panel), outside
+        # the axes so no curve hides behind it.
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], color=c, marker="o", label=n) for n, c in zip(names, colors, strict=True)
+        ]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     fig.suptitle(f"{board.dataset}, {sym} threat model")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -129,8 +139,8 @@ def _line_panel(
         ax.set_xlabel(f"{sym} robustness threshold T ({unit})")
         ax.set_ylabel("robust precision (solid) / coverage (dashed)")
         ax.set_title("PixelDP: robust precision and coverage vs T")
-    if drawn:
-        ax.legend(fontsize=7, loc="best")
+    if not drawn:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_boards(store: Store, out_dir: str | Path, *, spec_name: str | None = None) -> list[Path]:

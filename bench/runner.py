@@ -206,10 +206,17 @@ def load_defense(
         k = int(record["num_classes"])
         rec_params = dict(record["params"])
         rec_defense, rec_model = str(record["defense"]), str(record["model"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(
             f"{p}: checkpoint record is missing or has a bad field ({exc})"
         ) from exc
+    if len(shape) != 3 or not all(1 <= s <= 65536 for s in shape) or not 1 <= k <= 1_000_000:
+        raise CheckpointError(
+            f"{p}: checkpoint record has an invalid input_shape {shape} or num_classes {k} "
+            "(expected (C, H, W) with positive sides and a positive class count)"
+        )
+    if num_classes is not None and int(num_classes) != k:
+        raise CheckpointError(f"{p}: saved for {k} classes, the dataset has {num_classes}")
     if input_shape is not None and tuple(input_shape) != shape:
         raise CheckpointError(
             f"{p}: saved for inputs {shape}, the dataset has {tuple(input_shape)}"
@@ -264,6 +271,19 @@ def _optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
+def _check_finite_model(d: Defense, settings: TrainSettings, x: Tensor) -> None:
+    """A last step can blow up after the last loss check: never keep a model whose weights
+    or logits (on a few training inputs ``x``) are NaN/inf."""
+    hint = f"lower the learning rate (train.lr={settings.lr})"
+    for name, t in d.model_.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericalError(f"{d.name}: weight {name!r} became NaN/inf in training; {hint}")
+    with torch.no_grad():
+        logits = d.logits(x.to(d.device))
+    if not torch.isfinite(logits).all():
+        raise NumericalError(f"{d.name}: the trained model outputs NaN/inf logits; {hint}")
+
+
 def train(
     d: Defense,
     x: Tensor,
@@ -311,7 +331,13 @@ def train(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as exc:  # e.g. lr too large to represent
+                    raise NumericalError(
+                        f"{d.name}: optimiser step failed at epoch {epoch + 1}, step {step + 1} "
+                        f"(train.lr={settings.lr}): {' '.join(str(exc).split())}"
+                    ) from exc
                 d.after_step(prog)
                 step += 1
                 running += float(loss.detach())
@@ -324,6 +350,7 @@ def train(
     finally:
         bar.close()
     model.eval()
+    _check_finite_model(d, settings, x[: settings.batch_size])
     report.steps = step
     report.seconds = time.perf_counter() - t0
     report.final_loss = report.losses[-1] if report.losses else float("nan")

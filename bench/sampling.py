@@ -4,36 +4,41 @@ A randomized network contains one or more :class:`~bench.noise.NoiseLayer` modul
 *noise sites*). :func:`sample` evaluates it ``n`` times per input and returns the histogram
 of argmax labels (and optionally the sum and sum of squares of the softmax), accumulated on
 the input's device, under :func:`torch.inference_mode` with the model in ``eval()`` mode.
+:func:`smoothed_certify` and :func:`smoothed_predict` are Cohen et al.'s CERTIFY and PREDICT
+on top of it, for a base classifier smoothed with Gaussian noise on its input.
 
 **Per-example seeding.** Draw ``j`` of example ``i`` belongs to *block* ``b = j // block_size``.
-For every (example, block) one :class:`torch.Generator` on the input's device is seeded with
+For every (example, block) a :class:`torch.Generator` on the noise's device is seeded with
 :func:`block_seed` ``(seed, indices[i], stream, b)`` (a splitmix64 mix), and the block's
-standard noise for every noise site, in call order, is drawn from it, one call per site
-(shape ``(rows_in_block, *site_shape)``). Forward passes only take rows of these blocks, so the
-draws of example ``i`` depend on ``(seed, indices[i], stream)`` and on ``block_size`` alone:
-not on the batch size, the other examples in ``x`` or how a test set is sharded (``indices``
-are *global* example ids). ``block_size`` is therefore part of the run record. Forward
-outputs are bit-identical across groupings for the usual row-independent layers (conv,
-linear, eval-mode batch norm); counts are then identical too, while float64 softmax sums may
-differ in the last bits because the summation order changes.
+standard noise for every noise site is drawn from it, site after site in call order, one call
+per site (shape ``(rows_in_block, *site_shape)``). Forward passes only take rows of these
+blocks, so the draws of example ``i`` depend on ``(seed, indices[i], stream)`` and on
+``block_size`` alone: not on the batch size, the other examples in ``x`` or how a test set is
+sharded (``indices`` are *global* example ids). ``block_size`` is therefore part of the run
+record. Forward outputs are bit-identical across groupings for the usual row-independent
+layers (conv, linear, eval-mode batch norm); counts are then identical too, while float64
+softmax sums may differ in the last bits because the summation order changes.
 
 **Streams** separate the uses of noise: :data:`SELECTION` (Cohen's ``n0`` draws that pick the
 class), :data:`ESTIMATION` (the fresh draws behind a confidence bound), :data:`PREDICTION`
 and :data:`RESCORE` (re-scoring adversarial examples). Reusing selection draws to estimate
-would invalidate the bound, so the two are always different streams.
+would invalidate the bound, so the two are always different streams (CERTIFY still packs
+rows of both into the same forward passes; that changes no draw).
 
-**Memory.** Rows of several examples/blocks are packed into one forward pass of up to
-``batch_size`` rows; a block is split across forward passes only when it is larger than
-``batch_size`` (its noise is then generated once and cached, costing
-``block_size * sum(site sizes)`` elements). The default ``batch_size`` is
-``MEMORY_BUDGET_BYTES[device type] // bytes_per_row`` (256 MiB on CPU, 1 GiB on an
-accelerator; capped at :data:`MAX_BATCH_SIZE`), where ``bytes_per_row`` counts, per noisy
-row, the gathered input, each noise site's noise twice (the buffer and the scaled copy made by
-the noise layer) and the output of every leaf module measured in a one-row dry run (an
-over-estimate: inference frees activations as it goes). It is then rounded so that blocks
-fill forward passes exactly: down to a multiple of the block's rows when it holds at least
-one block, else to ``ceil(rows / pieces)`` with ``pieces = ceil(rows / budget_rows)``. Full,
-equal passes matter on CPU, where each parallel kernel has a fixed cost.
+**Memory and speed.** Rows of several examples/blocks are packed into one forward pass of up
+to ``batch_size`` rows; a block is split across forward passes only when it is larger than
+``batch_size`` (its noise is then generated once and cached: ``block_size * sum(site sizes)``
+elements). The default ``batch_size`` is ``MEMORY_BUDGET_BYTES[device type] // bytes_per_row``
+(16 MiB on CPU, 1 GiB on an accelerator; capped at :data:`MAX_BATCH_SIZE`), where
+``bytes_per_row`` counts, per noisy row, the input, each noise site's noise twice (the buffer
+and the scaled copy made by the noise layer) and the output of every leaf module, measured in
+a one-row dry run that is remembered per model and input signature (an over-estimate:
+inference frees activations as it goes). It is then rounded so that blocks fill forward passes
+exactly: down to a multiple of the block's rows when it holds at least one, else to
+``ceil(rows / pieces)`` with ``pieces = ceil(rows / budget_rows)``. Full, equal passes matter
+on CPU, where every parallel kernel has a fixed cost (large on a busy machine); for the same
+reason a pass of one example uses an expanded view of it as input (no copy) and the argmax
+runs in pieces small enough for ATen to run inline.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 import operator
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,6 +62,7 @@ from bench.noise import NoiseLayer, noise_layers, noise_source, sample_standard
 from bench.stats import binomial_test_pvalue, lower_confidence_bound
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "ESTIMATION",
     "MAX_BATCH_SIZE",
     "MEMORY_BUDGET_BYTES",
@@ -80,11 +88,14 @@ RESCORE = 3
 """Stream used to re-score attacked inputs."""
 
 DEFAULT_BLOCK_SIZE = 1000
-MEMORY_BUDGET_BYTES = {"cpu": 256 * 2**20, "default": 1024 * 2**20}
+MEMORY_BUDGET_BYTES = {"cpu": 16 * 2**20, "default": 1024 * 2**20}
 """Bytes of input + noise + activations one forward pass may use when ``batch_size`` is not
-given, by device type (``"default"``: any accelerator). Larger passes amortise the fixed cost
-of each kernel (thread-pool wake-ups on CPU, launches on GPU); beyond a few thousand rows they
-gain nothing and only fall out of the caches."""
+given, by device type (``"default"``: any accelerator). On CPU the compute per row hardly
+depends on the pass size, but larger passes make glibc hand freed activations back to the OS
+and page-fault them in again on every pass: on one core the CNNs of
+``benchmarks/bench_certify.py`` spend up to 2/3 of their time in page faults at 2000 rows
+(1x8x8) or 500 rows (1x28x28), none at this budget's 1000 and 84 rows. On a GPU larger passes
+amortise kernel launches."""
 MAX_BATCH_SIZE = 16384
 """Upper bound on the automatically chosen ``batch_size``."""
 
@@ -189,11 +200,34 @@ def _probe(model: nn.Module, x1: Tensor) -> tuple[list[_Site], Tensor, int]:
     return sites, out, leaf_numel
 
 
-def _default_batch_size(x: Tensor, sites: list[_Site], leaf_numel: int, block_rows: int) -> int:
+_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _row_bytes(model: nn.Module, x: Tensor, *, owner: nn.Module | None = None) -> int:
+    """Estimated bytes per noisy row of ``model`` on rows like ``x[0]`` (module doc).
+
+    Measured by a one-row dry run (inside inference mode and eval mode, which the caller
+    sets) and remembered per ``owner`` (default ``model``) and input signature, so repeated
+    calls skip the dry run. A stale value could only change the batch size, never a result.
+    """
+    key = (owner is None, type(model).__name__, tuple(x.shape[1:]), x.dtype, x.device)
+    remembered = _ROW_BYTES.setdefault(model if owner is None else owner, {})
+    if key not in remembered:
+        sites, _, leaf_numel = _probe(model, x[:1])
+        if not sites:
+            raise NotRandomizedError(
+                f"no NoiseLayer of {type(model).__name__} ran in its forward pass"
+            )
+        per_row = x.element_size() * (x[0].numel() + leaf_numel)
+        per_row += sum(2 * s.numel * torch.empty((), dtype=s.dtype).element_size() for s in sites)
+        remembered[key] = per_row
+    return remembered[key]
+
+
+def _default_batch_size(x: Tensor, per_row: int, block_rows: int) -> int:
     """The budget's row count, rounded to fill forward passes with blocks (module doc)."""
-    itemsize = x.element_size()
-    per_row = itemsize * (x[0].numel() + leaf_numel)
-    per_row += sum(2 * s.numel * torch.empty((), dtype=s.dtype).element_size() for s in sites)
     budget = MEMORY_BUDGET_BYTES.get(x.device.type, MEMORY_BUDGET_BYTES["default"])
     rows = max(1, min(MAX_BATCH_SIZE, budget // max(1, per_row)))
     if rows >= block_rows:
@@ -213,10 +247,8 @@ def default_batch_size(
     block_size = _check_int("block_size", block_size, 1)
     block_rows = block_size if n is None else min(block_size, _check_int("n", n, 1))
     with torch.inference_mode(), _prediction_mode(model):
-        sites, _, leaf_numel = _probe(model, x[:1])
-    if not sites:
-        raise NotRandomizedError(f"no NoiseLayer of {type(model).__name__} ran in its forward")
-    return _default_batch_size(x, sites, leaf_numel, block_rows)
+        per_row = _row_bytes(model, x)
+    return _default_batch_size(x, per_row, block_rows)
 
 
 def _fill_block(site: _Site, out: Tensor, generator: torch.Generator) -> None:
@@ -254,36 +286,41 @@ def _argmax_rows(out: Tensor) -> Tensor:
     return pred
 
 
-# A forward pass is a list of segments: (local example, block, block rows, first row, end row).
-_Segment = tuple[int, int, int, int, int]
+# A forward pass is a list of segments:
+# (local example, request slot, block, block rows, first row, end row).
+_Segment = tuple[int, int, int, int, int, int]
 
 
-def _plan(num_examples: int, n: int, block_size: int, batch_size: int) -> Iterator[list[_Segment]]:
-    """Group the rows (example-major, then draw) into forward passes of <= batch_size rows.
+def _plan(
+    num_examples: int, requests: list[tuple[int, int]], block_size: int, batch_size: int
+) -> Iterator[list[_Segment]]:
+    """Group the rows into forward passes of <= batch_size rows.
 
-    Whole blocks are packed together; a block larger than ``batch_size`` is split into
+    Rows are ordered by request (``(stream, n)``), then example, then draw, so that small
+    blocks (e.g. Cohen's ``n0`` selection draws) of many examples share passes. Whole blocks
+    are packed together; a block larger than ``batch_size`` is split into
     ``ceil(rows / batch_size)`` near-equal pieces, one forward pass each.
     """
-    num_blocks = -(-n // block_size)
     chunk: list[_Segment] = []
     used = 0
-    for e in range(num_examples):
-        for b in range(num_blocks):
-            rows = min(block_size, n - b * block_size)
-            if rows <= batch_size:
-                if used + rows > batch_size:
+    for slot, (_, n) in enumerate(requests):
+        for e in range(num_examples):
+            for b in range(-(-n // block_size)):
+                rows = min(block_size, n - b * block_size)
+                if rows <= batch_size:
+                    if used + rows > batch_size:
+                        yield chunk
+                        chunk, used = [], 0
+                    chunk.append((e, slot, b, rows, 0, rows))
+                    used += rows
+                    continue
+                if chunk:
                     yield chunk
                     chunk, used = [], 0
-                chunk.append((e, b, rows, 0, rows))
-                used += rows
-                continue
-            if chunk:
-                yield chunk
-                chunk, used = [], 0
-            pieces = -(-rows // batch_size)
-            bounds = [rows * p // pieces for p in range(pieces + 1)]
-            for r0, r1 in itertools.pairwise(bounds):
-                yield [(e, b, rows, r0, r1)]
+                pieces = -(-rows // batch_size)
+                bounds = [rows * p // pieces for p in range(pieces + 1)]
+                for r0, r1 in itertools.pairwise(bounds):
+                    yield [(e, slot, b, rows, r0, r1)]
     if chunk:
         yield chunk
 
@@ -364,9 +401,43 @@ def sample(
     """
     _check_input(x)
     n = _check_int("n", n, 1)
+    stream = _check_int("stream", stream, 0)
+    return _sample_streams(
+        model,
+        x,
+        [(stream, n)],
+        num_classes=num_classes,
+        seed=seed,
+        indices=indices,
+        batch_size=batch_size,
+        block_size=block_size,
+        softmax=softmax,
+        progress=progress,
+    )[0]
+
+
+def _sample_streams(
+    model: nn.Module,
+    x: Tensor,
+    requests: list[tuple[int, int]],
+    *,
+    num_classes: int,
+    seed: int,
+    indices: Tensor | None,
+    batch_size: int | None,
+    block_size: int,
+    softmax: bool = False,
+    progress: bool = False,
+    row_bytes_owner: nn.Module | None = None,
+) -> list[Samples]:
+    """:func:`sample` for several ``(stream, n)`` requests at once, sharing forward passes.
+
+    Each request's draws are exactly those :func:`sample` gives it alone (same blocks and
+    seeds); packing them together only saves forward passes. ``row_bytes_owner``: the module
+    under which the memory estimate is remembered (default ``model``).
+    """
     num_classes = _check_int("num_classes", num_classes, 1)
     block_size = _check_int("block_size", block_size, 1)
-    stream = _check_int("stream", stream, 0)
     seed = _check_int("seed", seed, -(2**63))
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
@@ -377,33 +448,39 @@ def sample(
     num_examples = x.shape[0]
     ids = _check_indices(indices, num_examples)
     device = x.device
-    counts = torch.zeros(num_examples, num_classes, dtype=torch.int64, device=device)
-    sm_sum = sm_sq = None
-    if softmax:
-        sm_sum = torch.zeros(num_examples, num_classes, dtype=torch.float64, device=device)
-        sm_sq = torch.zeros_like(sm_sum)
+    results = []
+    for _, n in requests:
+        sm_sum = sm_sq = None
+        if softmax:
+            sm_sum = torch.zeros(num_examples, num_classes, dtype=torch.float64, device=device)
+            sm_sq = torch.zeros_like(sm_sum)
+        counts = torch.zeros(num_examples, num_classes, dtype=torch.int64, device=device)
+        results.append(Samples(counts, n, sm_sum, sm_sq))
     if num_examples == 0:
-        return Samples(counts, n, sm_sum, sm_sq)
+        return results
 
     with torch.inference_mode(), _prediction_mode(model):
         if batch_size is None:
-            sites, _, leaf_numel = _probe(model, x[:1])
-            batch_size = _default_batch_size(x, sites, leaf_numel, min(block_size, n))
-        runner = _Runner(model, x, ids, seed, stream, batch_size, num_classes)
+            block_rows = min(block_size, max(n for _, n in requests))
+            per_row = _row_bytes(model, x, owner=row_bytes_owner)
+            batch_size = _default_batch_size(x, per_row, block_rows)
+        streams = [stream for stream, _ in requests]
+        runner = _Runner(model, x, ids, seed, streams, batch_size, num_classes)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=num_examples * n, desc="noise draws", unit="draw")
+            total = num_examples * sum(n for _, n in requests)
+            bar = tqdm(total=total, desc="noise draws", unit="draw")
         try:
-            for chunk in _plan(num_examples, n, block_size, batch_size):
-                runner.run(chunk, counts, sm_sum, sm_sq)
+            for chunk in _plan(num_examples, requests, block_size, batch_size):
+                runner.run(chunk, results)
                 if bar is not None:
-                    bar.update(sum(r1 - r0 for _, _, _, r0, r1 in chunk))
+                    bar.update(sum(seg[5] - seg[4] for seg in chunk))
         finally:
             if bar is not None:
                 bar.close()
-    return Samples(counts, n, sm_sum, sm_sq)
+    return results
 
 
 class _Runner:
@@ -413,7 +490,7 @@ class _Runner:
     then checked on every pass). Each site's noise is generated when the site asks for it: a
     whole block straight into its rows of the site's buffer (the generator of each block is
     seeded once and the sites draw from it in call order); a block split across passes is
-    generated once into a cache and sliced. A pass of one whole block makes no copies: its
+    generated once into a cache and sliced. A pass of one example makes no input copy: its
     input is an expanded view of the example. A pass packing several examples gathers them.
     """
 
@@ -423,26 +500,31 @@ class _Runner:
         x: Tensor,
         ids: list[int],
         seed: int,
-        stream: int,
+        streams: list[int],
         batch_size: int,
         num_classes: int,
     ) -> None:
         self.model, self.x, self.ids = model, x, ids
-        self.seed, self.stream = seed, stream
+        self.seed, self.streams = seed, streams
         self.batch_size, self.num_classes = batch_size, num_classes
         self.sites: list[_Site] = []
         self.sites_known = False
         self.buffers: list[Tensor] = []
-        self.pool: dict[torch.device, list[torch.Generator]] = {}
-        self.cache_key: tuple[int, int] | None = None
+        self.pool: dict[torch.device, dict[int, torch.Generator]] = {}
+        self.cache_key: tuple[int, int, int] | None = None
         self.cache_gens: dict[torch.device, torch.Generator] = {}
         self.cache: list[Tensor] = []
+        self.cache_store: list[Tensor] = []
 
-    def _generator(self, slot: int, device: torch.device) -> torch.Generator:
-        gens = self.pool.setdefault(device, [])
-        while len(gens) <= slot:
-            gens.append(torch.Generator(device=device))
-        return gens[slot]
+    def _seed(self, e: int, slot: int, b: int) -> int:
+        return block_seed(self.seed, self.ids[e], self.streams[slot], b)
+
+    def _generator(self, key: int, device: torch.device) -> torch.Generator:
+        """A reusable generator on ``device`` (``key``: position in a pass, or a cache slot)."""
+        gens = self.pool.setdefault(device, {})
+        if key not in gens:
+            gens[key] = torch.Generator(device=device)
+        return gens[key]
 
     def _site(self, k: int, kind: str, shape: torch.Size, like: Tensor, rows: int) -> _Site:
         """Record (first pass) or check (later passes) the ``k``-th noise-layer call."""
@@ -471,40 +553,45 @@ class _Runner:
         )
         return site
 
-    def _cached(self, e: int, b: int, rows: int, k: int) -> Tensor:
-        """Site ``k``'s noise for the whole block ``b`` of example ``e`` (a split block)."""
-        if self.cache_key != (e, b):
-            self.cache_key, self.cache_gens, self.cache = (e, b), {}, []
+    def _cached(self, e: int, slot: int, b: int, rows: int, k: int) -> Tensor:
+        """Site ``k``'s noise for a whole block that is split across passes.
+
+        Sites are generated in call order as they are first asked for; the storage of each
+        site's cached block is reused from block to block.
+        """
+        if self.cache_key != (e, slot, b):
+            self.cache_key, self.cache_gens, self.cache = (e, slot, b), {}, []
         while len(self.cache) <= k:
-            site = self.sites[len(self.cache)]
+            j = len(self.cache)
+            site = self.sites[j]
             g = self.cache_gens.get(site.device)
             if g is None:
-                g = self.cache_gens[site.device] = torch.Generator(device=site.device)
-                g.manual_seed(block_seed(self.seed, self.ids[e], self.stream, b))
-            block = torch.empty((rows, *site.shape), dtype=site.dtype, device=site.device)
+                g = self.cache_gens[site.device] = self._generator(-1 - j, site.device)
+                g.manual_seed(self._seed(e, slot, b))
+            if len(self.cache_store) <= j or self.cache_store[j].shape[0] < rows:
+                store = torch.empty((rows, *site.shape), dtype=site.dtype, device=site.device)
+                self.cache_store[j : j + 1] = [store]
+            block = self.cache_store[j][:rows]
             _fill_block(site, block, g)
             self.cache.append(block)
         return self.cache[k]
 
-    def run(
-        self,
-        chunk: list[_Segment],
-        counts: Tensor,
-        sm_sum: Tensor | None,
-        sm_sq: Tensor | None,
-    ) -> None:
-        num_rows = sum(r1 - r0 for _, _, _, r0, r1 in chunk)
-        e0, e1 = chunk[0][0], chunk[-1][0] + 1
-        row_example = None
-        if e1 - e0 == 1:
+    def run(self, chunk: list[_Segment], results: list[Samples]) -> None:
+        lengths = [r1 - r0 for _, _, _, _, r0, r1 in chunk]
+        num_rows = sum(lengths)
+        e0 = min(seg[0] for seg in chunk)
+        ne, num_slots = max(seg[0] for seg in chunk) + 1 - e0, len(results)
+        groups = [(seg[1] * ne + seg[0] - e0) for seg in chunk]  # (slot, example) of a segment
+        row_group = None
+        if ne == 1:
             inp = self.x[e0 : e0 + 1].expand(num_rows, *self.x.shape[1:])
         else:
-            per_example = np.zeros(e1 - e0, dtype=np.int64)
-            for e, _, _, r0, r1 in chunk:
-                per_example[e - e0] += r1 - r0
-            row_index = np.repeat(np.arange(e1 - e0), per_example)
-            row_example = torch.from_numpy(row_index).to(self.x.device)
-            inp = self.x[e0:e1].index_select(0, row_example)
+            seg_example = np.array([seg[0] - e0 for seg in chunk], dtype=np.int64)
+            row_example = torch.from_numpy(np.repeat(seg_example, lengths)).to(self.x.device)
+            inp = self.x[e0 : e0 + ne].index_select(0, row_example)
+        if len(set(groups)) > 1:
+            row_group = np.repeat(np.array(groups, dtype=np.int64), lengths)
+            row_group = torch.from_numpy(row_group).to(self.x.device)
 
         calls = 0
         seeded: set[tuple[int, torch.device]] = set()
@@ -514,21 +601,21 @@ class _Runner:
             k = calls
             site = self._site(k, kind, shape, like, num_rows)
             calls += 1
-            if len(chunk) == 1 and chunk[0][4] - chunk[0][3] < chunk[0][2]:
-                e, b, rows, r0, r1 = chunk[0]
-                return self._cached(e, b, rows, k)[r0:r1]
+            if len(chunk) == 1 and lengths[0] < chunk[0][3]:
+                e, slot, b, rows, r0, r1 = chunk[0]
+                return self._cached(e, slot, b, rows, k)[r0:r1]
             buf = self.buffers[k]
             offset = 0
-            for slot, (e, b, rows, r0, r1) in enumerate(chunk):
+            for position, (e, slot, b, rows, r0, r1) in enumerate(chunk):
                 view = buf[offset : offset + r1 - r0]
                 if r1 - r0 == rows:
-                    g = self._generator(slot, site.device)
-                    if (slot, site.device) not in seeded:
-                        g.manual_seed(block_seed(self.seed, self.ids[e], self.stream, b))
-                        seeded.add((slot, site.device))
+                    g = self._generator(position, site.device)
+                    if (position, site.device) not in seeded:
+                        g.manual_seed(self._seed(e, slot, b))
+                        seeded.add((position, site.device))
                     _fill_block(site, view, g)
                 else:
-                    view.copy_(self._cached(e, b, rows, k)[r0:r1])
+                    view.copy_(self._cached(e, slot, b, rows, k)[r0:r1])
                 offset += r1 - r0
             return buf[:num_rows]
 
@@ -549,21 +636,46 @@ class _Runner:
                 f"model output has shape {tuple(out.shape)} for {num_rows} rows; expected "
                 f"({num_rows}, num_classes={self.num_classes})"
             )
+        self._accumulate(out, chunk[0], groups, row_group, e0, ne, num_slots, results)
+
+    def _accumulate(
+        self,
+        out: Tensor,
+        first: _Segment,
+        groups: list[int],
+        row_group: Tensor | None,
+        e0: int,
+        ne: int,
+        num_slots: int,
+        results: list[Samples],
+    ) -> None:
+        """Add the pass's argmax counts (and softmax sums) to each (request, example)."""
         k = self.num_classes
         pred = _argmax_rows(out)
-        if row_example is None:
-            counts[e0] += torch.bincount(pred, minlength=k)
-        else:
-            flat = row_example * k + pred
-            counts[e0:e1] += torch.bincount(flat, minlength=(e1 - e0) * k).view(e1 - e0, k)
-        if sm_sum is not None and sm_sq is not None:
-            p = torch.softmax(out.float(), dim=1).double()
-            if row_example is None:
-                sm_sum[e0] += p.sum(dim=0)
-                sm_sq[e0] += (p * p).sum(dim=0)
-            else:
-                sm_sum[e0:e1].index_add_(0, row_example, p)
-                sm_sq[e0:e1].index_add_(0, row_example, p * p)
+        softmax = results[0].softmax_sum is not None
+        p = torch.softmax(out.float(), dim=1).double() if softmax else None
+        if row_group is None:  # one (request, example) in the whole pass
+            e, res = first[0], results[first[1]]
+            res.counts[e] += torch.bincount(pred, minlength=k)
+            if p is not None and res.softmax_sum is not None and res.softmax_sq_sum is not None:
+                res.softmax_sum[e] += p.sum(dim=0)
+                res.softmax_sq_sum[e] += (p * p).sum(dim=0)
+            return
+        num_groups = num_slots * ne
+        hist = torch.bincount(row_group * k + pred, minlength=num_groups * k)
+        hist = hist.view(num_slots, ne, k)
+        if p is not None:
+            sums = torch.zeros(num_groups, k, dtype=torch.float64, device=out.device)
+            sq = torch.zeros_like(sums)
+            sums.index_add_(0, row_group, p)
+            sq.index_add_(0, row_group, p * p)
+            sums, sq = sums.view(num_slots, ne, k), sq.view(num_slots, ne, k)
+        for slot in sorted({g // ne for g in groups}):
+            res = results[slot]
+            res.counts[e0 : e0 + ne] += hist[slot]
+            if p is not None and res.softmax_sum is not None and res.softmax_sq_sum is not None:
+                res.softmax_sum[e0 : e0 + ne] += sums[slot]
+                res.softmax_sq_sum[e0 : e0 + ne] += sq[slot]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +684,7 @@ class _Runner:
 
 
 def _smoothed(model: nn.Module, x: Tensor, sigma: float) -> nn.Sequential:
-    if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
         raise ConfigError(f"sigma must be a positive finite number, got {sigma!r}")
     return nn.Sequential(NoiseLayer("gaussian", float(sigma)).to(x.device), model)
 
@@ -596,7 +708,7 @@ def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
 
 
 def _check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
     return float(alpha)
 
@@ -647,13 +759,20 @@ def smoothed_certify(
     n = _check_int("n", n, 1)
     k = _infer_classes(model, x, num_classes)
     run_seed = _resolve_seed(seed, generator)
-    smoothed = _smoothed(model, x, sigma)
-    if batch_size is None:  # one dry run serves both passes
-        batch_size = default_batch_size(smoothed, x, n=n)
-    common = dict(num_classes=k, seed=run_seed, indices=indices, batch_size=batch_size)
-    selection = sample(smoothed, x, n0, stream=SELECTION, **common)
+    # Both streams share forward passes; the estimation draws are independent of the
+    # selection draws (other stream), so c_hat is independent of them as CERTIFY requires.
+    selection, estimation = _sample_streams(
+        _smoothed(model, x, sigma),
+        x,
+        [(SELECTION, n0), (ESTIMATION, n)],
+        num_classes=k,
+        seed=run_seed,
+        indices=indices,
+        batch_size=batch_size,
+        block_size=DEFAULT_BLOCK_SIZE,
+        row_bytes_owner=model,
+    )
     c_hat = selection.counts.argmax(dim=1)
-    estimation = sample(smoothed, x, n, stream=ESTIMATION, **common)
     n_a = estimation.counts.gather(1, c_hat[:, None])[:, 0].cpu().numpy()
     p_lower = torch.as_tensor(lower_confidence_bound(n_a, n, alpha), dtype=torch.float64)
     certified = p_lower >= 0.5
@@ -694,15 +813,16 @@ def smoothed_predict(
     n = _check_int("n", n, 1)
     k = _infer_classes(model, x, num_classes)
     run_seed = _resolve_seed(seed, generator)
-    samples = sample(
+    (samples,) = _sample_streams(
         _smoothed(model, x, sigma),
         x,
-        n,
+        [(PREDICTION, n)],
         num_classes=k,
         seed=run_seed,
-        stream=PREDICTION,
         indices=indices,
         batch_size=batch_size,
+        block_size=DEFAULT_BLOCK_SIZE,
+        row_bytes_owner=model,
     )
     top = torch.topk(samples.counts, 2, dim=1)
     c1 = top.values[:, 0].cpu().numpy()

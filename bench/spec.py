@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import itertools
 import json
 import math
@@ -101,15 +100,6 @@ NORMS = ("l1", "l2", "linf")
 DEVICES = "auto, cpu, cuda, cuda:N"
 OPTIMIZERS = ("adam", "sgd")
 ATTACK_LIBRARIES = ("certbench", "torchattacks", "art", "autoattack")
-FALLBACK_DATASETS = (
-    "digits",
-    "mnist",
-    "fashion-mnist",
-    "cifar10",
-    "cifar100",
-    "svhn",
-    "imagefolder",
-)
 DEFAULT_MODEL = "cnn"
 TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay")
 DEFAULT_EVAL: dict[str, Any] = {"batch_size": 1000, "alpha": 0.05}
@@ -310,31 +300,18 @@ class Known:
 
     @classmethod
     def discover(cls) -> Known:
-        """Datasets from ``bench.data.DATASETS`` (a fixed list while that module is missing),
-        models from ``bench.models.list_models()``, defenses from ``bench.registry``."""
-        try:
-            datasets = tuple(importlib.import_module("bench.data").DATASETS)
-        except ModuleNotFoundError as exc:
-            if exc.name != "bench.data":
-                raise
-            datasets = FALLBACK_DATASETS
-        try:
-            models: tuple[str, ...] | None = tuple(
-                importlib.import_module("bench.models").list_models()
-            )
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("bench.models", "torch"):
-                raise
-            models = None
-        try:
-            registry = importlib.import_module("bench.registry")
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("bench.registry", "torch", "defenses", "defenses.base"):
-                raise
-            defenses = None
-        else:
-            defenses = {n: registry.get_defense_class(n) for n in registry.list_defenses()}
-        return cls(datasets=datasets, models=models, defenses=defenses)
+        """Datasets from ``bench.data.DATASETS``, models from ``bench.models.list_models()``,
+        defenses from ``bench.registry`` (imported lazily: specs parse without torch loaded
+        until validation needs it)."""
+        from bench.data import DATASETS
+        from bench.models import list_models
+        from bench.registry import get_defense_class, list_defenses
+
+        return cls(
+            datasets=tuple(DATASETS),
+            models=tuple(list_models()),
+            defenses={n: get_defense_class(n) for n in list_defenses()},
+        )
 
 
 # ---------------------------------------------------------------------------- validation
@@ -363,7 +340,7 @@ class _Checker:
                 hint = difflib.get_close_matches(key, allowed, n=1)
                 suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise self.error(
-                    f"unknown field '{full}'{suggestion}; allowed fields {where}: "
+                    f"unknown field {full!r}{suggestion}; allowed fields {where}: "
                     f"{', '.join(allowed)}"
                 )
         return value
@@ -485,6 +462,14 @@ def _check_attack(chk: _Checker, library: str, name: str, params: dict[str, Any]
         from attacks import describe_attack
     except ImportError:  # attack libraries not installed: checked when the stage runs
         return
+    reserved = sorted(
+        set(params) & {"defense", "library", "name", "norm", "eps", "seed", "batch_size"}
+    )
+    if reserved:
+        raise chk.error(
+            f"field 'attack.params' may not set {', '.join(reserved)}: the attack's library and "
+            "name are [attack] fields, and the norm, budgets and seed come from [threat] and seeds"
+        )
     try:
         describe_attack(library, name, **params)
     except ConfigError as exc:

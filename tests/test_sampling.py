@@ -458,3 +458,22 @@ def test_sites_of_equal_shape_get_different_noise() -> None:
         "gaussian", (1, 4, 4), seed=0, index=1, stream=ESTIMATION, n=30, block_size=10
     )
     assert torch.equal(z1[30:], want)
+
+
+def test_packed_streams_equal_separate_calls() -> None:
+    # CERTIFY packs selection and estimation rows into shared passes (request-major order,
+    # so one pass can hold the last examples of one stream and the first of the next).
+    from bench.sampling import _sample_streams
+
+    model = nn.Sequential(NoiseLayer("gaussian", 0.5), _base_cnn())
+    x = _inputs(5)
+    kw = dict(num_classes=K, seed=9, indices=torch.arange(10, 15), block_size=40)
+    for bs in (35, 100, 1000):
+        sel, est = _sample_streams(
+            model, x, [(SELECTION, 30), (ESTIMATION, 90)], batch_size=bs, softmax=True, **kw
+        )
+        for got, stream, n in ((sel, SELECTION, 30), (est, ESTIMATION, 90)):
+            want = sample(model, x, n, stream=stream, softmax=True, **kw)
+            assert torch.equal(got.counts, want.counts), (bs, stream)
+            assert got.softmax_sum is not None and want.softmax_sum is not None
+            torch.testing.assert_close(got.softmax_sum, want.softmax_sum, rtol=0, atol=1e-4)

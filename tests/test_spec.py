@@ -534,22 +534,12 @@ def test_validation_skipped_when_catalogue_unknown(tmp_path):
     assert cells[1].train == {}
 
 
-def test_fallback_dataset_list(tmp_path, monkeypatch):
-    import importlib
+def test_discover_reads_live_registries():
+    from bench.data import DATASETS
 
-    real = importlib.import_module
-
-    def fake_import(name, *a, **k):
-        if name == "bench.data":
-            raise ModuleNotFoundError("no bench.data", name="bench.data")
-        if name in ("bench.models", "bench.registry"):
-            raise ModuleNotFoundError(f"no {name}", name=name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr("bench.spec.importlib.import_module", fake_import)
     known = Known.discover()
-    assert known.models is None and known.defenses is None
-    assert "fashion-mnist" in known.datasets and "imagefolder" in known.datasets
+    assert known.datasets == tuple(DATASETS)
+    assert "wk-small" in known.models and "undefended" in known.defenses
 
 
 def test_live_registry(tmp_path):
