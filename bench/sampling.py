@@ -48,6 +48,7 @@ import itertools
 import math
 import numbers
 import operator
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -325,6 +326,36 @@ def _plan(
         yield chunk
 
 
+def _split_segments(chunk: list[_Segment], max_rows: int) -> Iterator[list[_Segment]]:
+    """Cut a pass's segments into passes of at most ``max_rows`` rows (segments may split)."""
+    piece: list[_Segment] = []
+    used = 0
+    for e, slot, b, rows, r0, r1 in chunk:
+        while r0 < r1:
+            take = min(r1 - r0, max_rows - used)
+            piece.append((e, slot, b, rows, r0, r0 + take))
+            used += take
+            r0 += take
+            if used == max_rows:
+                yield piece
+                piece, used = [], 0
+    if piece:
+        yield piece
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/CPU allocation failures (torch raises them as RuntimeError subclasses)."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    if oom and isinstance(exc, oom):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg
+    )
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     """``value`` as a Python int (numpy/0-d tensor integers accepted, bools not), ``>= minimum``."""
     try:
@@ -466,6 +497,45 @@ def _sample_streams(
             batch_size = _default_batch_size(x, per_row, block_rows)
         streams = [stream for stream, _ in requests]
         runner = _Runner(model, x, ids, seed, streams, batch_size, num_classes)
+        limit = batch_size  # lowered when a forward pass runs out of memory
+
+        def process(piece: list[_Segment]) -> None:
+            """Run one pass; on out-of-memory halve the pass size and retry its pieces.
+
+            The draws of a row depend only on its block's seed, never on how rows are grouped
+            into passes, so a retried pass gives exactly the counts the original would have.
+            """
+            nonlocal runner, limit
+            rows = sum(r1 - r0 for *_, r0, r1 in piece)
+            if rows > limit:  # the limit fell since this piece was cut
+                for sub_piece in _split_segments(piece, limit):
+                    process(sub_piece)
+                return
+            try:
+                runner.run(piece, results)
+                return
+            except Exception as exc:
+                if not _is_out_of_memory(exc) or rows <= 1:
+                    raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            limit = max(1, rows // 2)
+            warnings.warn(
+                f"out of memory in a forward pass of {rows} rows; retrying with {limit}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            old = runner
+            runner = _Runner(model, x, ids, seed, streams, limit, num_classes)
+            if old.sites_known:  # keep the discovered noise sites, with smaller buffers
+                runner.sites_known, runner.sites = True, old.sites
+                runner.buffers = [
+                    torch.empty((limit, *s.shape), dtype=s.dtype, device=s.device)
+                    for s in old.sites
+                ]
+            for sub_piece in _split_segments(piece, limit):
+                process(sub_piece)
+
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -474,7 +544,8 @@ def _sample_streams(
             bar = tqdm(total=total, desc="noise draws", unit="draw")
         try:
             for chunk in _plan(num_examples, requests, block_size, batch_size):
-                runner.run(chunk, results)
+                for piece in _split_segments(chunk, limit):
+                    process(piece)
                 if bar is not None:
                     bar.update(sum(seg[5] - seg[4] for seg in chunk))
         finally:

@@ -218,3 +218,55 @@ def test_ray_executor_matches_local(tmp_path, monkeypatch):
     assert remote["ran"] == 3
     a, b = _metrics(tmp_path / "local" / "s.sqlite"), _metrics(tmp_path / "ray" / "s.sqlite")
     assert a.keys() == b.keys() and a == b
+
+
+PIXELDP_ALL = """
+name = "pixeldp-all"
+[data]
+dataset = "digits"
+model = "cnn"
+limit_test = 20
+[train]
+epochs = 1
+[threat]
+norms = ["l2"]
+radii = [0.0, 0.05]
+thresholds = [0.05]
+eps = [0.1]
+[[defenses]]
+name = "pixeldp"
+params = { mechanism = "gaussian", attack_norm = "l2", n_draws = 100, noise_warmup = false }
+grid = { placement = ["image", "first-layer"], sensitivity_control = ["bound", "optimise"] }
+[[defenses]]
+name = "pixeldp"
+params = { mechanism = "gaussian", attack_norm = "l1", n_draws = 100, noise_warmup = false }
+grid = { placement = ["image", "first-layer"], sensitivity_control = ["bound", "optimise"] }
+[[defenses]]
+name = "pixeldp"
+params = { mechanism = "laplace", attack_norm = "l1", n_draws = 100, noise_warmup = false }
+grid = { placement = ["image", "first-layer"], sensitivity_control = ["bound", "optimise"] }
+"""
+
+
+@pytest.mark.slow
+def test_every_pixeldp_configuration_runs_through_certbench_run(tmp_path):
+    """All placements × mechanisms × sensitivity options train and certify via the runner."""
+    import tomllib
+
+    from bench.executors import run_spec
+    from bench.spec import parse_spec
+    from bench.store import Store
+
+    spec = parse_spec(tomllib.loads(PIXELDP_ALL), "pixeldp-all")
+    summary = run_spec(spec, tmp_path / "s.sqlite", progress=False)
+    assert summary["ran"] == 12
+    cells = Store(tmp_path / "s.sqlite").cells()
+    seen = set()
+    for c in cells:
+        m = c["metrics"]
+        assert 0.0 <= m["accuracy"] <= 1.0
+        assert m["guaranteed_accuracy@0"] == m["accuracy"]  # every prediction has radius >= 0
+        assert m["guaranteed_accuracy@0.05"] <= m["accuracy"]
+        p = c["params"]
+        seen.add((p["mechanism"], p["attack_norm"], p["placement"], p["sensitivity_control"]))
+    assert len(seen) == 12

@@ -477,3 +477,50 @@ def test_packed_streams_equal_separate_calls() -> None:
             assert torch.equal(got.counts, want.counts), (bs, stream)
             assert got.softmax_sum is not None and want.softmax_sum is not None
             torch.testing.assert_close(got.softmax_sum, want.softmax_sum, rtol=0, atol=1e-4)
+
+
+class _OOMAbove(torch.nn.Module):
+    """A randomized model that fails like an out-of-memory GPU for passes above ``limit`` rows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        from bench.noise import NoiseLayer
+
+        self.limit = limit
+        self.noise = NoiseLayer("gaussian", 0.5)
+        self.fc = torch.nn.Linear(64, 5)
+        self.passes: list[int] = []
+
+    def forward(self, x):
+        self.passes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.fc(self.noise(x).flatten(1))
+
+
+def test_out_of_memory_backs_off_and_keeps_results_identical():
+    from bench.sampling import sample
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8)
+    oom = _OOMAbove(limit=100)
+    with pytest.warns(RuntimeWarning, match="out of memory in a forward pass of 700 rows"):
+        got = sample(oom, x, 700, num_classes=5, seed=4, batch_size=1000, block_size=500)
+    # 700 -> 350 -> 175 -> 87 rows: three failed passes, then every pass fits
+    assert sum(p > 100 for p in oom.passes) == 3
+    assert all(p <= 100 for p in oom.passes[4:])
+    ok = _OOMAbove(limit=10**9)
+    ok.load_state_dict(oom.state_dict())
+    ref = sample(ok, x, 700, num_classes=5, seed=4, batch_size=64, block_size=500)
+    assert torch.equal(got.counts, ref.counts)
+
+
+def test_other_errors_are_not_retried():
+    from bench.sampling import sample
+
+    class Broken(_OOMAbove):
+        def forward(self, x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        sample(Broken(1), torch.rand(2, 1, 8, 8), 10, num_classes=5)
