@@ -29,7 +29,7 @@ rows of both into the same forward passes; that changes no draw).
 to ``batch_size`` rows; a block is split across forward passes only when it is larger than
 ``batch_size`` (its noise is then generated once and cached: ``block_size * sum(site sizes)``
 elements). The default ``batch_size`` is ``MEMORY_BUDGET_BYTES[device type] // bytes_per_row``
-(16 MiB on CPU, 1 GiB on an accelerator; capped at :data:`MAX_BATCH_SIZE`), where
+(64 MiB on CPU, 1 GiB on an accelerator; capped at :data:`MAX_BATCH_SIZE`), where
 ``bytes_per_row`` counts, per noisy row, the input, each noise site's noise twice (the buffer
 and the scaled copy made by the noise layer) and the output of every leaf module, measured in
 a one-row dry run that is remembered per model and input signature (an over-estimate:
@@ -89,16 +89,18 @@ RESCORE = 3
 """Stream used to re-score attacked inputs."""
 
 DEFAULT_BLOCK_SIZE = 1000
-MEMORY_BUDGET_BYTES = {"cpu": 16 * 2**20, "default": 1024 * 2**20}
+MEMORY_BUDGET_BYTES = {"cpu": 64 * 2**20, "default": 1024 * 2**20}
 """Bytes of input + noise + activations one forward pass may use when ``batch_size`` is not
 given, by device type (``"default"``: any accelerator). On CPU the compute per row hardly
 depends on the pass size, but larger passes make glibc hand freed activations back to the OS
 and page-fault them in again on every pass: on one core the CNNs of
-``benchmarks/bench_certify.py`` spend up to 2/3 of their time in page faults at 2000 rows
-(1x8x8) or 500 rows (1x28x28), none at this budget's 1000 and 84 rows. On a GPU larger passes
-amortise kernel launches."""
-MAX_BATCH_SIZE = 16384
-"""Upper bound on the automatically chosen ``batch_size``."""
+``benchmarks/bench_certify.py`` spend up to 2/3 of their time in page faults at 2000+ rows;
+with this budget and the :data:`MAX_BATCH_SIZE` cap they run 1000 (1x8x8) and 334 (1x28x28)
+rows per pass, which measured fastest on an idle 2-core machine (334 rows: 3x the draws/s of
+84). On a GPU larger passes amortise kernel launches."""
+MAX_BATCH_SIZE = {"cpu": 1000, "default": 16384}
+"""Upper bound on the automatically chosen ``batch_size``, by device type. On CPU, passes of
+more than ~1000 rows bring no speed and cost page faults (measured: benchmarks/RESULTS.md)."""
 
 _MASK64 = (1 << 64) - 1
 
@@ -230,7 +232,8 @@ def _row_bytes(model: nn.Module, x: Tensor, *, owner: nn.Module | None = None) -
 def _default_batch_size(x: Tensor, per_row: int, block_rows: int) -> int:
     """The budget's row count, rounded to fill forward passes with blocks (module doc)."""
     budget = MEMORY_BUDGET_BYTES.get(x.device.type, MEMORY_BUDGET_BYTES["default"])
-    rows = max(1, min(MAX_BATCH_SIZE, budget // max(1, per_row)))
+    cap = MAX_BATCH_SIZE.get(x.device.type, MAX_BATCH_SIZE["default"])
+    rows = max(1, min(cap, budget // max(1, per_row)))
     if rows >= block_rows:
         return rows // block_rows * block_rows
     return -(-block_rows // -(-block_rows // rows))
