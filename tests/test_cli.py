@@ -238,3 +238,23 @@ def test_bad_spec_is_one_line(capsys, tmp_path):
     assert rc == 2
     line = _one_line_error(err)
     assert "bad.toml" in line and "digitz" in line
+
+
+def test_attack_command_curve(capsys, tmp_path):
+    ck = tmp_path / "undef"
+    rc, _, err = _run(
+        capsys, "train", "--dataset", "digits", "--model", "mlp", "--epochs", "5", "--lr", "0.003",
+        "--out", str(ck), "--quiet",
+    )
+    assert rc == 0, err
+    rc, _, err = _run(
+        capsys, "attack", "--checkpoint", str(ck), "--dataset", "digits", "--norm", "linf",
+        "--eps", "0.05", "0.2", "--limit", "60", "--attack-param", "steps=10", "--quiet",
+        "--output", str(tmp_path / "a.json"),
+    )
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert [r["eps"] for r in rows] == [0.05, 0.2]
+    # a stronger budget never helps the defender (same seed, nested balls, 10-step PGD)
+    assert rows[1]["accuracy_under_attack"] <= rows[0]["accuracy_under_attack"]
+    assert rows[1]["accuracy_under_attack"] < 0.5
