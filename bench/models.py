@@ -45,7 +45,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def create_model(
-    name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
+    name: str, /, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
 ) -> nn.Module:
     """Build model ``name`` for inputs ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
     try:

@@ -163,7 +163,7 @@ def defense_package(name: str) -> str:
     return _REGISTRY[name].package
 
 
-def create_defense(name: str, **params: Any) -> Defense:
+def create_defense(name: str, /, **params: Any) -> Defense:
     """Instantiate the defense ``name`` with keyword hyper-parameters (unknown ones raise)."""
     cls = get_defense_class(name)
     allowed = cls.param_names()

@@ -41,6 +41,12 @@ def test_unknown_param_names_allowed(clean_registry):
         registry.create_defense("undefended", bogus=1)
 
 
+def test_param_called_name_is_a_config_error(clean_registry):
+    """A record or spec whose params contain 'name' must not collide with the defense name."""
+    with pytest.raises(ConfigError, match=r"no parameter\(s\) name"):
+        registry.create_defense("undefended", name=0)
+
+
 def test_duplicate_name_raises_naming_both(clean_registry):
     @registry.register_defense("dup-test")
     class A(Defense):
