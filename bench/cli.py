@@ -182,20 +182,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_classes=ds.num_classes,
         device=device,
     )
-    settings = TrainSettings.from_dict(
+    settings = TrainSettings.for_defense(
+        d,
         {
-            **d.train_defaults(),
-            **{
-                k: v
-                for k, v in dict(
-                    epochs=args.epochs,
-                    lr=args.lr,
-                    batch_size=args.batch_size,
-                    optimizer=args.optimizer,
-                ).items()
-                if v is not None
-            },
-        }
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+        },
     )
     from bench.runner import train
 

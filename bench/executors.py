@@ -94,7 +94,7 @@ def prepare_defense(cell, checkpoint_root: str | Path, *, device: torch.device, 
         load_defense_state(d, load_tensors(tensors), source=str(tensors))
         d.model_.to(device)
         return d, float(record.get("train_seconds", 0.0))
-    settings = TrainSettings.from_dict({**d.train_defaults(), **dict(cell.train)})
+    settings = TrainSettings.for_defense(d, dict(cell.train))
     report = train(
         d,
         ds.x_train,
@@ -381,8 +381,3 @@ def _log_cell(spec_name: str, cell, result: dict[str, Any]) -> None:
         f"{result['eval_seconds']:.1f} s eval)",
         file=sys.stderr,
     )
-
-
-def results_equal(a: dict[str, float | None], b: dict[str, float | None]) -> bool:
-    """Exact equality of two metric dicts (``None`` equal to ``None``)."""
-    return a.keys() == b.keys() and all(a[k] == b[k] for k in a)

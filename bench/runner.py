@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 import bench
 from bench.checkpoint import check_state, load_into, load_tensors, read_record, save_checkpoint
 from bench.errors import CheckpointError, ConfigError, NumericalError
 from bench.models import create_model
-from bench.registry import create_defense, get_defense_class
+from bench.registry import create_defense
 from defenses.base import Certificate, Defense, TrainProgress
 
 # --------------------------------------------------------------------------- environment
@@ -256,6 +256,12 @@ class TrainSettings:
             raise ConfigError("train.epochs must be >= 0, batch_size >= 1 and lr > 0")
         return s
 
+    @classmethod
+    def for_defense(cls, d: Defense, overrides: dict[str, Any]) -> TrainSettings:
+        """The defense's suggested defaults, overridden by every non-``None`` user setting."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls.from_dict({**d.train_defaults(), **given})
+
 
 @dataclass
 class TrainReport:
@@ -430,13 +436,3 @@ def certify_all(
 def accuracy_of(pred: Tensor, y: Tensor) -> float:
     """Fraction of ``pred == y`` (abstentions, ``-1``, count as wrong)."""
     return float((pred.cpu() == y.cpu()).double().mean()) if y.numel() else float("nan")
-
-
-def defense_class(name: str) -> type[Defense]:
-    """Shortcut used by the CLI to inspect capabilities."""
-    return get_defense_class(name)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself (kept for symmetry with DataParallel-style wrappers)."""
-    return getattr(model, "module", model)
