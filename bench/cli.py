@@ -23,6 +23,7 @@ from typing import Any
 
 import tomllib
 
+from bench.allocator import tune_malloc
 from bench.errors import CertbenchError, ConfigError
 
 EXIT_ERROR = 2
@@ -566,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     warnings.formatwarning = _one_line_warning
     _terminate_as_interrupt()
+    tune_malloc()  # the command owns its process (bench/allocator.py)
     try:
         args = build_parser().parse_args(argv)
         args._t0 = t0

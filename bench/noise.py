@@ -114,7 +114,11 @@ class NoiseLayer(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         z = standard_noise(self.kind, h.shape, h)
-        return h + (self.multiplier * self.effective_scale()).to(h.dtype) * z
+        if self.scale_fn is None and self.multiplier == 1.0:  # prediction: no scalar ops
+            s = self.scale if self.scale.dtype == h.dtype else self.scale.to(h.dtype)
+        else:
+            s = (self.multiplier * self.effective_scale()).to(h.dtype)
+        return h + s * z
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, scale={float(self.scale):.6g}"

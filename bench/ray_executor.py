@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench.allocator import tune_malloc
 from bench.errors import ConfigError
 from bench.executors import (
     ATTACK_CHUNK,
@@ -58,6 +59,7 @@ def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
 
 def _train_task(cell, ckroot: str, device: str | None, threads: int) -> dict[str, Any]:
     configure_threads(threads)
+    tune_malloc()
     dev = resolve_device(device or cell.device)
     d, train_seconds = prepare_defense(cell, ckroot, device=dev, progress=False)
     return {
@@ -71,6 +73,7 @@ def _train_task(cell, ckroot: str, device: str | None, threads: int) -> dict[str
 
 def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int):
     configure_threads(threads)
+    tune_malloc()
     dev = resolve_device(device or cell.device)
     d, _ = prepare_defense(cell, ckroot, device=dev, progress=False)
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ inference frees activations as it goes). It is then rounded so that blocks fill 
 exactly: down to a multiple of the block's rows when it holds at least one, else to
 ``ceil(rows / pieces)`` with ``pieces = ceil(rows / budget_rows)``. Full, equal passes matter
 on CPU, where every parallel kernel has a fixed cost (large on a busy machine); for the same
-reason a pass of one example uses an expanded view of it as input (no copy) and the argmax
+reason a pass of one example reuses one contiguous copy of it as input and the argmax
 runs in pieces small enough for ATen to run inline.
 """
 
@@ -564,8 +564,8 @@ class _Runner:
     then checked on every pass). Each site's noise is generated when the site asks for it: a
     whole block straight into its rows of the site's buffer (the generator of each block is
     seeded once and the sites draw from it in call order); a block split across passes is
-    generated once into a cache and sliced. A pass of one example makes no input copy: its
-    input is an expanded view of the example. A pass packing several examples gathers them.
+    generated once into a cache and sliced. Passes of one example share one contiguous copy of
+    it (made once per example); a pass packing several examples gathers them.
     """
 
     def __init__(
@@ -589,6 +589,8 @@ class _Runner:
         self.cache_gens: dict[torch.device, torch.Generator] = {}
         self.cache: list[Tensor] = []
         self.cache_store: list[Tensor] = []
+        self.repeated: tuple[int, Tensor] | None = None
+        self.repeated_version = 0
 
     def _seed(self, e: int, slot: int, b: int) -> int:
         return block_seed(self.seed, self.ids[e], self.streams[slot], b)
@@ -650,6 +652,27 @@ class _Runner:
             self.cache.append(block)
         return self.cache[k]
 
+    def _repeated(self, e: int, rows: int) -> Tensor:
+        """``rows`` contiguous copies of example ``e``, kept while passes stay on ``e``.
+
+        A contiguous input makes the noise addition a flat elementwise loop; adding noise to an
+        expanded (stride-0) view was measured 5% slower per pass on 1x8x8 inputs. The copy is a
+        normal (not inference) tensor so that its version counter shows whether a model wrote
+        into its input; it is then made again.
+        """
+        kept = self.repeated
+        if (
+            kept is None
+            or kept[0] != e
+            or kept[1].shape[0] < rows
+            or kept[1]._version != self.repeated_version
+        ):
+            with torch.inference_mode(False):
+                rep = self.x[e : e + 1].expand(rows, *self.x.shape[1:]).contiguous()
+            self.repeated, self.repeated_version = (e, rep), rep._version
+            kept = self.repeated
+        return kept[1][:rows]
+
     def run(self, chunk: list[_Segment], results: list[Samples]) -> None:
         lengths = [r1 - r0 for _, _, _, _, r0, r1 in chunk]
         num_rows = sum(lengths)
@@ -658,7 +681,7 @@ class _Runner:
         groups = [(seg[1] * ne + seg[0] - e0) for seg in chunk]  # (slot, example) of a segment
         row_group = None
         if ne == 1:
-            inp = self.x[e0 : e0 + 1].expand(num_rows, *self.x.shape[1:])
+            inp = self._repeated(e0, num_rows)
         else:
             seg_example = np.array([seg[0] - e0 for seg in chunk], dtype=np.int64)
             row_example = torch.from_numpy(np.repeat(seg_example, lengths)).to(self.x.device)
@@ -730,7 +753,7 @@ class _Runner:
         p = torch.softmax(out.float(), dim=1).double() if softmax else None
         if row_group is None:  # one (request, example) in the whole pass
             e, res = first[0], results[first[1]]
-            res.counts[e] += torch.bincount(pred, minlength=k)
+            res.counts[e].add_(torch.bincount(pred, minlength=k))
             if p is not None and res.softmax_sum is not None and res.softmax_sq_sum is not None:
                 res.softmax_sum[e] += p.sum(dim=0)
                 res.softmax_sq_sum[e] += (p * p).sum(dim=0)

@@ -524,3 +524,37 @@ def test_other_errors_are_not_retried():
 
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         sample(Broken(1), torch.rand(2, 1, 8, 8), 10, num_classes=5)
+
+
+class _WritesIntoItsInput(nn.Module):
+    """Noise inside the network; the forward zeroes its input after reading it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            NoiseLayer("gaussian", 0.3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 64, K),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x.clone())
+        x.mul_(0.0)
+        return out
+
+
+def test_a_model_writing_into_its_input_does_not_change_later_passes() -> None:
+    # Passes of one example reuse one contiguous copy of it; a model that writes into its
+    # input must not leak the write into the next pass (the copy is made again).
+    honest = _WritesIntoItsInput()
+    honest.forward = honest.net.forward  # same weights, no write
+    writer = _WritesIntoItsInput()
+    writer.net = honest.net
+    x = _inputs(2)
+    ref = sample(honest, x, 2500, num_classes=K, seed=4, batch_size=500)
+    got = sample(writer, x, 2500, num_classes=K, seed=4, batch_size=500)
+    assert torch.equal(got.counts, ref.counts)
+    zeros = sample(honest, torch.zeros_like(x), 2500, num_classes=K, seed=4, batch_size=500)
+    assert not torch.equal(zeros.counts, ref.counts)  # the write would have shown
