@@ -172,9 +172,25 @@ def test_certify_released_wong_kolter(capsys, tmp_path, fashion_dir, wk_referenc
     """Exact (correct, certified) counts at linf 0.1 on the first test images; the 1000-image
     slice is the CI part of the full reproduction in the README (7827 / 6547 of 10 000)."""
     rc, _, err = _run(
-        capsys, "certify", "--defense", "wong-kolter", "--model", "wk-small",
-        "--checkpoint", str(wk_reference), "--dataset", "fashion-mnist", "--norm", "linf",
-        "--eps", "0.1", "--limit", str(limit), "--quiet", "--output", str(tmp_path / "c.json"),
+        capsys,
+        "certify",
+        "--defense",
+        "wong-kolter",
+        "--model",
+        "wk-small",
+        "--checkpoint",
+        str(wk_reference),
+        "--dataset",
+        "fashion-mnist",
+        "--norm",
+        "linf",
+        "--eps",
+        "0.1",
+        "--limit",
+        str(limit),
+        "--quiet",
+        "--output",
+        str(tmp_path / "c.json"),
     )
     assert rc == 0, err
     res = json.loads((tmp_path / "c.json").read_text())
@@ -204,14 +220,40 @@ def test_bad_spec_is_one_line(capsys, tmp_path):
 def test_attack_command_curve(capsys, tmp_path):
     ck = tmp_path / "undef"
     rc, _, err = _run(
-        capsys, "train", "--dataset", "digits", "--model", "mlp", "--epochs", "5", "--lr", "0.003",
-        "--out", str(ck), "--quiet",
+        capsys,
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "5",
+        "--lr",
+        "0.003",
+        "--out",
+        str(ck),
+        "--quiet",
     )
     assert rc == 0, err
     rc, _, err = _run(
-        capsys, "attack", "--checkpoint", str(ck), "--dataset", "digits", "--norm", "linf",
-        "--eps", "0.05", "0.2", "--limit", "60", "--attack-param", "steps=10", "--quiet",
-        "--output", str(tmp_path / "a.json"),
+        capsys,
+        "attack",
+        "--checkpoint",
+        str(ck),
+        "--dataset",
+        "digits",
+        "--norm",
+        "linf",
+        "--eps",
+        "0.05",
+        "0.2",
+        "--limit",
+        "60",
+        "--attack-param",
+        "steps=10",
+        "--quiet",
+        "--output",
+        str(tmp_path / "a.json"),
     )
     assert rc == 0, err
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
