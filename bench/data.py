@@ -42,7 +42,7 @@ directory and what is wrong; an unknown dataset name or a bad ``limit_*`` raises
 
 from __future__ import annotations
 
-import gzip
+import os
 import pickle
 import zlib
 from collections.abc import Callable, Mapping
@@ -228,20 +228,63 @@ def _first(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it starts with the gzip magic ``1f 8b``."""
+def _gunzip(raw: bytes, path: Path, max_len: int | None) -> bytes:
+    """Decompress (possibly multi-member) gzip ``raw``; stop after ``max_len`` bytes.
+
+    Bounding the output keeps a small file that inflates to gigabytes (a "gzip bomb") from
+    exhausting memory: callers ask for what the format's header declares, plus a margin.
+    """
+    out = bytearray()
+    data = raw
+    try:
+        while data:
+            d = zlib.decompressobj(wbits=31)
+            room = 0 if max_len is None else max(1, max_len - len(out))
+            out += d.decompress(data, room)
+            while max_len is None and d.unconsumed_tail:  # pragma: no cover - room 0 = all
+                out += d.decompress(d.unconsumed_tail)
+            if max_len is not None and len(out) >= max_len:
+                return bytes(out[:max_len])
+            if not d.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker")
+            data = d.unused_data
+            if data[:2] != b"\x1f\x8b":  # trailing garbage after the last member
+                break
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip data ({e})") from e
+    return bytes(out)
+
+
+def _read_bytes(path: Path, declared_len: Callable[[bytes], int | None] | None = None) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic ``1f 8b``.
+
+    ``declared_len``, given the first decompressed bytes (up to :data:`_HEADER_PROBE`),
+    returns how many bytes the format's header declares (``None``: unknown); the gzip stream
+    is then inflated no further than that plus :data:`_TRAILING_PROBE` bytes, and never past
+    the machine's physical memory (the parser reports a header that declares more).
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip data ({e})") from e
-    return raw
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    if declared_len is None:
+        return _gunzip(raw, path, None)
+    declared = declared_len(_gunzip(raw, path, _HEADER_PROBE))
+    if declared is None:
+        return _gunzip(raw, path, None)
+    return _gunzip(raw, path, min(declared + _TRAILING_PROBE, _physical_memory()))
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (a large default where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return 1 << 40
 
 
 def _check_pixels(pixels: np.ndarray, path: Path, what: str, scale: float) -> None:
@@ -340,9 +383,27 @@ _IDX_TYPES: Mapping[int, np.dtype] = {
 _IDX_KIND_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 
 
+_HEADER_PROBE = 4 + 4 * 255
+"""Decompressed bytes enough for any IDX header (4 magic bytes + up to 255 dimensions)."""
+_TRAILING_PROBE = 4096
+"""Decompressed bytes read past a file's declared data, to report trailing garbage."""
+
+
+def _idx_declared_len(head: bytes) -> int | None:
+    """Header + data bytes an IDX header declares, or ``None`` if ``head`` is no IDX header."""
+    if len(head) < 4 or head[2] not in _IDX_TYPES or head[3] == 0 or len(head) < 4 + 4 * head[3]:
+        return None
+    dims = np.frombuffer(head, dtype=">u4", count=head[3], offset=4)
+    return 4 + 4 * head[3] + int(np.prod(dims, dtype=object)) * _IDX_TYPES[head[2]].itemsize
+
+
 def _read_idx_view(path: Path, kind: str | None) -> np.ndarray:
-    """Parse an IDX file; the result may be a read-only view of the file's bytes."""
-    raw = _read_bytes(path)
+    """Parse an IDX file; the result may be a read-only view of the file's bytes.
+
+    A gzip file is inflated only as far as its header declares (plus a little, to notice
+    trailing bytes), so a small file cannot inflate to more memory than its header asks for.
+    """
+    raw = _read_bytes(path, _idx_declared_len)
     if len(raw) < 4:
         raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
     magic = int.from_bytes(raw[:4], "big")
@@ -366,15 +427,21 @@ def _read_idx_view(path: Path, kind: str | None) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     count = int(np.prod(dims, dtype=object))
     expected_bytes, actual = count * dtype.itemsize, len(raw) - header
+    if expected_bytes > _physical_memory():
+        raise DataError(
+            f"{path}: the header declares shape {dims} ({expected_bytes} data bytes), more "
+            f"than this machine's memory ({_physical_memory()} bytes)"
+        )
     if actual < expected_bytes:
         raise DataError(
             f"{path}: truncated: header declares shape {dims} ({expected_bytes} data bytes) "
             f"but the file holds {actual}"
         )
     if actual > expected_bytes:
+        extra = actual - expected_bytes
         raise DataError(
-            f"{path}: {actual - expected_bytes} unexpected bytes after the {dims} data "
-            f"declared by the header"
+            f"{path}: {'at least ' if extra >= _TRAILING_PROBE else ''}{extra} unexpected bytes "
+            f"after the {dims} data declared by the header"
         )
     arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
     return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder("="))

@@ -223,6 +223,46 @@ def test_idx_corrupt_gzip(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_idx_gzip_bomb_is_inflated_only_as_far_as_the_header_declares(tmp_path: Path) -> None:
+    # 12 declared labels followed by 256 MiB of zeros: ~250 KB on disk. Reading it must stop
+    # a few KB past the declared data, not allocate the 256 MiB.
+    import tracemalloc
+    import zlib
+
+    header = struct.pack(">II", 0x801, 12) + bytes(range(10)) + b"\x00\x01"
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = comp.compress(header)
+    chunk = bytes(2**20)
+    for _ in range(256):
+        body += comp.compress(chunk)
+    body += comp.flush()
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(body)
+    assert len(body) < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"at least 4096 unexpected bytes after the \(12,\)"):
+            read_idx(path, kind="labels")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
+def test_idx_header_declaring_more_than_memory(tmp_path: Path) -> None:
+    path = tmp_path / "huge-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, 2**31, 2**16, 2**16) + bytes(64)))
+    with pytest.raises(DataError, match=r"declares shape .* more than this machine's memory"):
+        read_idx(path, kind="images")
+
+
+def test_idx_multi_member_gzip(tmp_path: Path) -> None:
+    raw = struct.pack(">II", 0x801, 6) + bytes([3, 1, 4, 1, 5, 9])
+    path = tmp_path / "two-members-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(raw[:5]) + gzip.compress(raw[5:]))  # as `cat a.gz b.gz`
+    assert read_idx(path, kind="labels").tolist() == [3, 1, 4, 1, 5, 9]
+
+
 def test_idx_missing_file(tmp_path: Path) -> None:
     _make_idx_dir(tmp_path, gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
