@@ -12,8 +12,6 @@ pickled objects.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from bench.errors import CheckpointError
+from bench.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -59,9 +44,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Tensor], record: dict[str
     # Drop an old record first: a kill between the two writes then leaves no record (an
     # incomplete checkpoint that nothing loads), never an old record beside new tensors.
     record_path.unlink(missing_ok=True)
-    _atomic_write_bytes(tensors_path, save(contiguous))
+    atomic_write_bytes(tensors_path, save(contiguous))
     full = {"format": "certbench-checkpoint", "format_version": FORMAT_VERSION, **record}
-    _atomic_write_bytes(record_path, json.dumps(full, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(record_path, json.dumps(full, indent=2, sort_keys=True).encode())
     return tensors_path
 
 

@@ -76,9 +76,9 @@ def _fmt(v: Any) -> str:
 def _write_output(path: str | None, payload: dict[str, Any]) -> None:
     if not path:
         return
-    from bench.checkpoint import _atomic_write_bytes
+    from bench.files import atomic_write_bytes
 
-    _atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True).encode())
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import ConfigError
-from bench.leaderboard import Board, BoardRow, atomic_write_bytes, build_boards
+from bench.files import atomic_write_bytes
+from bench.leaderboard import Board, BoardRow, build_boards
 from bench.store import Store
 
 NORM_SYMBOL = {"l1": "ℓ1", "l2": "ℓ2", "linf": "ℓ∞"}

@@ -104,6 +104,7 @@ N_CELLS = 3
 HOOK_SCRIPT = """
 import os, sys, time
 import bench.checkpoint as ck
+import bench.files as files
 import bench.runner as runner
 import bench.store as store
 
@@ -119,16 +120,18 @@ def hook(name):
         time.sleep(600)
 
 
-_write = ck._atomic_write_bytes
+_write = files.atomic_write_bytes
 
 
-def write(path, data):
+def write(path, data, **kwargs):
     hook(f"write:{path.name}")
-    _write(path, data)
+    out = _write(path, data, **kwargs)
     hook(f"written:{path.name}")
+    return out
 
 
-ck._atomic_write_bytes = write
+ck.atomic_write_bytes = write  # checkpoints (bound at import)
+files.atomic_write_bytes = write  # --output (imported at call time)
 _replace = os.replace
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 import bench.leaderboard as lb
 from bench.errors import ConfigError
+from bench.files import atomic_write_bytes
 from bench.leaderboard import RESULTS_COLUMNS, build_boards, publish
 from bench.plots import display_names, plot_boards
 from bench.spec import CellConfig
@@ -304,7 +306,7 @@ def test_failed_write_leaves_previous_board(store, tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lb.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         publish(store, out)
     assert old.read_text() == "previous board\n"
@@ -318,8 +320,34 @@ def test_failed_write_leaves_previous_board(store, tmp_path, monkeypatch):
 def test_atomic_write_replaces(tmp_path):
     target = tmp_path / "x.csv"
     target.write_text("a")
-    lb.atomic_write_bytes(target, b"b")
+    atomic_write_bytes(target, b"b")
     assert target.read_bytes() == b"b" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_removes_temporaries_of_dead_writers_only(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    target = tmp_path / "x.csv"
+    stale = tmp_path / f".x.csv.{host}.{dead_pid}.abc123.tmp"  # a SIGKILLed writer's
+    live = tmp_path / f".x.csv.{host}.{os.getpid()}.def456.tmp"  # a writer still running
+    remote = tmp_path / f".x.csv.otherhost.{dead_pid}.ghi789.tmp"  # another host's writer
+    other = tmp_path / f".y.csv.{host}.{dead_pid}.jkl000.tmp"  # another target's
+    for p in (stale, live, remote, other):
+        p.write_bytes(b"partial")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not stale.exists()
+    assert live.exists() and remote.exists() and other.exists()
 
 
 def test_board_display_names(store):
