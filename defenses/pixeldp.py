@@ -74,6 +74,7 @@ ATTACK_NORMS = ("l1", "l2")
 PLACEMENTS = ("first-layer", "image")
 SENSITIVITY_CONTROLS = ("bound", "optimise")
 ESTIMATORS = ("argmax", "softmax")
+SPECTRAL_PROJECTIONS = ("parseval", "exact")
 # (mechanism, attack norm) -> the norm the mechanism measures the pre-noise output in.
 _OUTPUT_NORM = {("gaussian", "l2"): "l2", ("gaussian", "l1"): "l2", ("laplace", "l1"): "l1"}
 
@@ -354,6 +355,11 @@ class PixelDP(Defense):
         eta: failure probability of the bounds in the reference's convention (see
             :attr:`failure_probability`).
         noise_warmup: ramp the training noise with :func:`warmup_multiplier`.
+        spectral_projection: how ``"bound"`` keeps ``Delta_{2,2}`` at 1 for l2 attacks:
+            ``"parseval"`` (the reference: ``parseval_iters`` approximate steps, which leave
+            ``Delta`` above 1 early in training, so the certificate's ``L`` shrinks) or
+            ``"exact"`` (clip the singular values of the reshaped kernel at 1 after every
+            step: ``Delta <= 1`` always, the certificate keeps the full ``L``).
         parseval_beta, parseval_iters: the Parseval projection's step and repetitions.
         block_size: draws per seeded block of the sampling engine (part of the record).
     """
@@ -375,6 +381,7 @@ class PixelDP(Defense):
         "n_draws": "noise draws per input for predict/certify",
         "eta": "failure probability of the Monte Carlo bounds (reference convention)",
         "noise_warmup": "ramp the training noise as the reference does (1 - min(0.99975^t, 0.9))",
+        "spectral_projection": "'parseval' (reference, approximate) or 'exact' (SVD clip)",
         "parseval_beta": "Parseval projection step",
         "parseval_iters": "Parseval iterations after every optimiser step",
         "block_size": "draws per seeded noise block (changes the draws)",
@@ -394,6 +401,7 @@ class PixelDP(Defense):
         n_draws: int = 2000,
         eta: float = 0.05,
         noise_warmup: bool = True,
+        spectral_projection: str = "parseval",
         parseval_beta: float = 3e-4,
         parseval_iters: int = 10,
         block_size: int = 1000,
@@ -409,6 +417,7 @@ class PixelDP(Defense):
         self.n_draws = n_draws
         self.eta = eta
         self.noise_warmup = noise_warmup
+        self.spectral_projection = spectral_projection
         self.parseval_beta = parseval_beta
         self.parseval_iters = parseval_iters
         self.block_size = block_size
@@ -425,6 +434,7 @@ class PixelDP(Defense):
         _choice("placement", self.placement, PLACEMENTS)
         _choice("sensitivity_control", self.sensitivity_control, SENSITIVITY_CONTROLS)
         _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("spectral_projection", self.spectral_projection, SPECTRAL_PROJECTIONS)
         if self.mechanism == "gaussian":
             # The Gaussian mechanism's (epsilon, delta) analysis needs epsilon <= 1.
             _number("epsilon", self.epsilon, low=0.0, high=1.0, low_open=True, high_open=False)
@@ -581,11 +591,17 @@ class PixelDP(Defense):
         return F.cross_entropy(logits, y)
 
     def after_step(self, progress: TrainProgress) -> None:
-        """``"bound"`` option: project the pre-noise weights (Parseval or column norms)."""
+        """``"bound"`` option: project the pre-noise weights (Parseval / SVD clip, or column
+        norms)."""
         if self.pre_noise_ is None or self.sensitivity_control != "bound":
             return
         if self.output_norm == "l2" and self.attack_norm == "l2":
-            parseval_step(self.pre_noise_, beta=self.parseval_beta, iterations=self.parseval_iters)
+            if self.spectral_projection == "exact":
+                project_spectral(self.pre_noise_)
+            else:
+                parseval_step(
+                    self.pre_noise_, beta=self.parseval_beta, iterations=self.parseval_iters
+                )
         else:
             project_columns(self.pre_noise_, output_norm=self.output_norm)
 

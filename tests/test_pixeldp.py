@@ -167,6 +167,7 @@ def test_params_round_trip():
         n_draws=123,
         eta=0.01,
         noise_warmup=False,
+        spectral_projection="exact",
         parseval_beta=1e-3,
         parseval_iters=3,
         block_size=100,
@@ -199,6 +200,7 @@ def test_params_round_trip():
         ({"noise_warmup": "yes"}, "noise_warmup"),
         ({"parseval_beta": -1e-3}, "parseval_beta"),
         ({"parseval_iters": -1}, "parseval_iters"),
+        ({"spectral_projection": "svd"}, "spectral_projection"),
         ({"block_size": 0}, "block_size"),
     ],
 )
@@ -389,6 +391,32 @@ def test_bound_option_true_operator_norm_never_exceeds_sensitivity(model, mechan
         # projection keeps it at <= 1 exactly.
         assert true == pytest.approx(bound, rel=1e-9)
         assert bound <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("model", ["cnn", "wk-small", "mlp"])
+def test_exact_spectral_projection_keeps_the_full_construction_bound(model):
+    # Same data, same steps: the reference's Parseval steps leave Delta above 1 after large
+    # updates (the certificate then shrinks L); the exact SVD clip keeps Delta <= 1, so the
+    # certificate uses the full L, and the true operator norm stays below the bound.
+    x, y = _random_data(32)
+    deltas = {}
+    for projection in ("parseval", "exact"):
+        torch.manual_seed(0)
+        d = _defense(
+            model,
+            placement="first-layer",
+            sensitivity_control="bound",
+            construction_bound=0.3,
+            spectral_projection=projection,
+        )
+        _train(d, x, y, steps=6, lr=5e-2)
+        deltas[projection] = d.sensitivity()
+        true = true_operator_norm(d.pre_noise_, SHAPE, "l2", "l2")
+        assert true <= deltas[projection] * (1 + 1e-9)
+        if projection == "exact":
+            assert deltas["exact"] <= 1 + 1e-6
+            assert d.certified_construction_bound() == pytest.approx(0.3, rel=1e-6)
+    assert deltas["parseval"] > 1 + 1e-3  # the gap the option closes
 
 
 @pytest.mark.parametrize(
