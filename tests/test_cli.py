@@ -17,6 +17,12 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def _train_digits_mlp(capsys, ck, epochs: int, *extra: str) -> tuple[int, str, str]:
+    """``certbench train`` of the digits MLP (lr 0.003) into checkpoint ``ck``."""
+    args = ["--model", "mlp", "--epochs", str(epochs), "--lr", "0.003", "--out", str(ck)]
+    return _run(capsys, "train", "--dataset", "digits", *args, "--quiet", *extra)
+
+
 def _one_line_error(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("certbench: warning")]
     assert len(lines) == 1, f"expected one error line, got:\n{err}"
@@ -106,23 +112,7 @@ def test_bad_param_value_is_one_line(capsys, tmp_path):
 
 def test_train_then_eval_digits(capsys, tmp_path):
     ck = tmp_path / "undef"
-    rc, _, err = _run(
-        capsys,
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "8",
-        "--lr",
-        "0.003",
-        "--out",
-        str(ck),
-        "--quiet",
-        "--output",
-        str(tmp_path / "train.json"),
-    )
+    rc, _, err = _train_digits_mlp(capsys, ck, 8, "--output", str(tmp_path / "train.json"))
     assert rc == 0, err
     trained = json.loads((tmp_path / "train.json").read_text())
     assert trained["test_accuracy"] >= 0.9
@@ -219,21 +209,7 @@ def test_bad_spec_is_one_line(capsys, tmp_path):
 
 def test_attack_command_curve(capsys, tmp_path):
     ck = tmp_path / "undef"
-    rc, _, err = _run(
-        capsys,
-        "train",
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--epochs",
-        "5",
-        "--lr",
-        "0.003",
-        "--out",
-        str(ck),
-        "--quiet",
-    )
+    rc, _, err = _train_digits_mlp(capsys, ck, 5)
     assert rc == 0, err
     rc, _, err = _run(
         capsys,
