@@ -373,7 +373,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).is_file():
         raise ConfigError(f"store {args.store} does not exist; run `certbench run SPEC` first")
-    paths = publish(Store(args.store), args.out, spec_name=args.spec_name)
+    paths = publish(Store(args.store), args.out, spec_name=args.spec_name, rank_by=args.rank_by)
     for p in paths:
         print(p)
     return 0
@@ -537,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=DEFAULT_STORE)
     q.add_argument("--out", default="leaderboards")
     q.add_argument("--spec-name", default=None, help="only cells of this spec")
+    q.add_argument(
+        "--rank-by",
+        default="smallest-eps",
+        choices=("smallest-eps", "largest-eps", "accuracy"),
+        help="ranking headline: accuracy under attack at the board's smallest or largest "
+        "eps, or clean accuracy (default: smallest-eps)",
+    )
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="one PNG per leaderboard (curves vs radius, T and ε)")

@@ -25,9 +25,12 @@ Conventions:
   ``train_seconds``/``eval_seconds`` are means, ``created_at`` is the latest, and text
   columns that differ between seeds are ``;``-joined. When several stored cells have the
   same seed and differ only in threat lists, their metrics are merged (newest wins).
-* Rank: by the board's headline, ``accuracy_under_attack`` at the smallest ``eps`` that has
-  a value in some row, else ``accuracy``; ties broken by ``accuracy``; rows without a
-  headline value come last; equal (headline, accuracy) share a rank (1, 2, 2, 4).
+* Rank: by the board's headline; ties broken by ``accuracy``; rows without a headline value
+  come last; equal (headline, accuracy) share a rank (1, 2, 2, 4). The headline (``rank_by``)
+  is ``accuracy_under_attack`` at the smallest ``eps`` that has a value in some row
+  (``"smallest-eps"``, the default), at the largest such ``eps`` (``"largest-eps"``, closer to
+  RobustBench's one-budget boards), or ``accuracy`` (``"accuracy"``); a board without any
+  accuracy under attack always ranks by ``accuracy``.
 * Files are replaced atomically (temporary file in the same directory, fsync, rename), so a
   reader never sees half a leaderboard. Boards are generated, never edited by hand.
 """
@@ -281,8 +284,19 @@ def _rank(rows: list[BoardRow], headline: str) -> None:
         row.values["rank"] = rank
 
 
-def build_boards(store: Store, *, spec_name: str | None = None) -> list[Board]:
-    """Every (dataset, norm) board of the stored cells (of ``spec_name`` only, if given)."""
+RANK_BY = ("smallest-eps", "largest-eps", "accuracy")
+"""Headline choices for ranking a board (module docstring)."""
+
+
+def build_boards(
+    store: Store, *, spec_name: str | None = None, rank_by: str = "smallest-eps"
+) -> list[Board]:
+    """Every (dataset, norm) board of the stored cells (of ``spec_name`` only, if given).
+
+    ``rank_by``: one of :data:`RANK_BY` (module docstring).
+    """
+    if rank_by not in RANK_BY:
+        raise ConfigError(f"rank_by must be one of {', '.join(RANK_BY)}; got {rank_by!r}")
     by_board: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for cell in store.cells(spec_name=spec_name):
         by_board[(cell["dataset"], cell["norm"])].append(cell)
@@ -308,7 +322,11 @@ def build_boards(store: Store, *, spec_name: str | None = None) -> list[Board]:
             )
         aua = [c for c in columns if parse_metric_key(c)[0] == "accuracy_under_attack"]
         aua = [c for c in aua if any(r.metrics.get(c) is not None for r in rows)]
-        headline = min(aua, key=lambda c: parse_metric_key(c)[1]) if aua else "accuracy"
+        if not aua or rank_by == "accuracy":
+            headline = "accuracy"
+        else:
+            pick = min if rank_by == "smallest-eps" else max
+            headline = pick(aua, key=lambda c: parse_metric_key(c)[1])
         _rank(rows, headline)
         for r in rows:
             for col in columns:
@@ -320,14 +338,22 @@ def build_boards(store: Store, *, spec_name: str | None = None) -> list[Board]:
     return boards
 
 
-def publish(store: Store, out_dir: str | Path, *, spec_name: str | None = None) -> list[Path]:
+def publish(
+    store: Store,
+    out_dir: str | Path,
+    *,
+    spec_name: str | None = None,
+    rank_by: str = "smallest-eps",
+) -> list[Path]:
     """Write every board's ``<dataset>-<norm>.csv`` and ``results.csv`` under ``out_dir``.
+
+    ``rank_by`` picks the ranking headline (:data:`RANK_BY`).
 
     Returns the written paths (boards first, ``results.csv`` last). Raises
     :class:`ConfigError` when the store holds no finished cells (for ``spec_name``).
     """
     out = Path(out_dir)
-    boards = build_boards(store, spec_name=spec_name)
+    boards = build_boards(store, spec_name=spec_name, rank_by=rank_by)
     if not boards:
         which = f" of spec '{spec_name}'" if spec_name else ""
         raise ConfigError(

@@ -237,3 +237,28 @@ def test_attack_command_curve(capsys, tmp_path):
     # a stronger budget never helps the defender (same seed, nested balls, 10-step PGD)
     assert rows[1]["accuracy_under_attack"] <= rows[0]["accuracy_under_attack"]
     assert rows[1]["accuracy_under_attack"] < 0.5
+
+
+def test_leaderboard_publish_rank_by(capsys, tmp_path):
+    from bench.spec import CellConfig
+    from bench.store import Store
+
+    store = Store(tmp_path / "s.sqlite")
+    for tag, acc, aua in (("x", 0.9, 0.1), ("y", 0.6, 0.5)):
+        cell = CellConfig(
+            spec_name="t", dataset="digits", data_dir=None, limit_train=None, limit_test=10,
+            model="cnn", defense="undefended", label=None, params={"tag": tag}, norm="l2",
+            seed=0, train={}, eval={}, threat={"radii": [0.0], "thresholds": [], "eps": [0.1]},
+            attack=None, device="cpu",
+        )  # fmt: skip
+        metrics = {"accuracy": acc, "accuracy_under_attack@0.1": aua}
+        assert store.put(cell, {"metrics": metrics, "n_test": 10})
+    out = tmp_path / "lb"
+    rc, _, err = _run(capsys, "leaderboard", "publish", "--store", str(store.path), "--out",
+                      str(out), "--rank-by", "accuracy")  # fmt: skip
+    assert rc == 0, err
+    first = (out / "digits-l2.csv").read_text().splitlines()[1]
+    assert first.startswith('1,undefended,cnn,"{""tag"":""x""}"')  # best clean accuracy
+    rc, _, err = _run(capsys, "leaderboard", "publish", "--store", str(store.path), "--out",
+                      str(out), "--rank-by", "median")  # fmt: skip
+    assert rc == 2 and "--rank-by" in err and "Traceback" not in err

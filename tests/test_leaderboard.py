@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,28 @@ def test_rank_by_attack_headline_then_accuracy(store, tmp_path):
         (3, "undefended", "{}"),
         (4, "smoothing", '{"sigma":0.25}'),
     ]
+
+
+def test_rank_by_largest_eps_or_accuracy(tmp_path):
+    # A is best at the small budget, B at the large one, C has the best clean accuracy.
+    s = Store(tmp_path / "s.sqlite")
+    rows = (("a", 0.75, 0.5, 0.0), ("b", 0.5, 0.375, 0.25), ("c", 1.0, 0.0, 0.0))
+    for name, acc, small, large in rows:
+        metrics = {"accuracy": acc, "accuracy_under_attack@0.1": small}
+        metrics["accuracy_under_attack@0.3"] = large
+        assert s.put(cell("madry", params={"tag": name}), result(metrics))
+
+    def order(**kw):
+        publish(s, tmp_path / "out", **kw)
+        df = pd.read_csv(tmp_path / "out" / "digits-l2.csv")
+        return [(r, json.loads(p)["tag"]) for r, p in zip(df["rank"], df["params"], strict=True)]
+
+    assert order() == [(1, "a"), (2, "b"), (3, "c")]
+    assert order(rank_by="smallest-eps") == order()
+    assert order(rank_by="largest-eps") == [(1, "b"), (2, "c"), (3, "a")]  # ties: accuracy
+    assert order(rank_by="accuracy") == [(1, "c"), (2, "a"), (3, "b")]
+    with pytest.raises(ConfigError, match="rank_by must be one of smallest-eps, largest-eps"):
+        publish(s, tmp_path / "out", rank_by="median")
 
 
 def test_accuracy_only_board(store, tmp_path):
