@@ -439,6 +439,8 @@ def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench.leaderboard import RANK_BY  # light: no torch, pandas or numpy
+
     parser = _Parser(
         prog="certbench",
         description="Benchmark defenses against adversarial examples and publish leaderboards.",
@@ -540,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--rank-by",
         default="smallest-eps",
-        choices=("smallest-eps", "largest-eps", "accuracy"),
+        choices=RANK_BY,
         help="ranking headline: accuracy under attack at the board's smallest or largest "
         "eps, or clean accuracy (default: smallest-eps)",
     )

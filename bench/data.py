@@ -240,9 +240,7 @@ def _gunzip(raw: bytes, path: Path, max_len: int | None) -> bytes:
         while data:
             d = zlib.decompressobj(wbits=31)
             room = 0 if max_len is None else max(1, max_len - len(out))
-            out += d.decompress(data, room)
-            while max_len is None and d.unconsumed_tail:  # pragma: no cover - room 0 = all
-                out += d.decompress(d.unconsumed_tail)
+            out += d.decompress(data, room)  # room 0: no limit
             if max_len is not None and len(out) >= max_len:
                 return bytes(out[:max_len])
             if not d.eof:
@@ -259,9 +257,10 @@ def _read_bytes(path: Path, declared_len: Callable[[bytes], int | None] | None =
     """The file's bytes, gunzipped when it starts with the gzip magic ``1f 8b``.
 
     ``declared_len``, given the first decompressed bytes (up to :data:`_HEADER_PROBE`),
-    returns how many bytes the format's header declares (``None``: unknown); the gzip stream
-    is then inflated no further than that plus :data:`_TRAILING_PROBE` bytes, and never past
-    the machine's physical memory (the parser reports a header that declares more).
+    returns how many bytes the format's header declares (``None``: no valid header, and only
+    those first bytes are returned); the gzip stream is then inflated no further than that plus
+    :data:`_TRAILING_PROBE` bytes, and never past the machine's physical memory (the parser
+    reports a header that declares more).
     """
     try:
         raw = path.read_bytes()
@@ -273,9 +272,10 @@ def _read_bytes(path: Path, declared_len: Callable[[bytes], int | None] | None =
         return raw
     if declared_len is None:
         return _gunzip(raw, path, None)
-    declared = declared_len(_gunzip(raw, path, _HEADER_PROBE))
-    if declared is None:
-        return _gunzip(raw, path, None)
+    head = _gunzip(raw, path, _HEADER_PROBE)
+    declared = declared_len(head)
+    if declared is None:  # no valid header in the probe: the parser reports what is wrong
+        return head
     return _gunzip(raw, path, min(declared + _TRAILING_PROBE, _physical_memory()))
 
 

@@ -249,6 +249,24 @@ def test_idx_gzip_bomb_is_inflated_only_as_far_as_the_header_declares(tmp_path: 
     assert peak < 8 * 2**20, peak
 
 
+def test_idx_gzip_bomb_without_a_valid_header_is_not_inflated(tmp_path: Path) -> None:
+    import tracemalloc
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = b"".join(comp.compress(bytes(2**20)) for _ in range(128)) + comp.flush()
+    path = tmp_path / "zeros-idx3-ubyte.gz"  # 128 MiB of zeros: magic 0x00000000
+    path.write_bytes(body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"bad magic number 0x00000000"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
 def test_idx_header_declaring_more_than_memory(tmp_path: Path) -> None:
     path = tmp_path / "huge-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, 2**31, 2**16, 2**16) + bytes(64)))
