@@ -25,9 +25,12 @@ import tomllib
 
 from bench.allocator import tune_malloc
 from bench.errors import CertbenchError, ConfigError
+from bench.interrupts import deferred, forget_handled_interrupt
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+_TORCH_COMMANDS = frozenset({"run", "train", "eval", "certify", "attack", "defenses"})
+"""Commands that import torch and the defense plugins (done up front, interrupts held)."""
 DEFAULT_STORE = "runs/certbench.sqlite"
 
 
@@ -576,15 +579,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     warnings.formatwarning = _one_line_warning
     _terminate_as_interrupt()
-    tune_malloc()  # the command owns its process (bench/allocator.py)
     try:
-        args = build_parser().parse_args(argv)
+        with deferred():  # no interrupt inside an import (bench/interrupts.py)
+            tune_malloc()  # the command owns its process (bench/allocator.py)
+            args = build_parser().parse_args(argv)
+            if args.command in _TORCH_COMMANDS:
+                import torch  # noqa: F401
+
+                from bench.registry import load_plugins
+
+                load_plugins()
         args._t0 = t0
         return int(args.func(args) or 0)
     except CertbenchError as exc:
         print(f"certbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        forget_handled_interrupt()
         print(
             "certbench: interrupted; finished cells are stored, re-run to resume", file=sys.stderr
         )

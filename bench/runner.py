@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import bench
 from bench.checkpoint import check_state, load_into, load_tensors, read_record, save_checkpoint
 from bench.errors import CheckpointError, ConfigError, NumericalError
+from bench.interrupts import deferred
 from bench.models import create_model
 from bench.registry import create_defense
 from defenses.base import Certificate, Defense, TrainProgress
@@ -272,9 +273,14 @@ class TrainReport:
 
 
 def _optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    """SGD or Adam. The first optimiser of a process imports ``torch._dynamo`` (seconds);
+    SIGINT/SIGTERM are held until that import is over (bench/interrupts.py)."""
+    with deferred():
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
 def _check_finite_model(d: Defense, settings: TrainSettings, x: Tensor) -> None:
