@@ -9,7 +9,11 @@ By default ``z`` comes from torch's global generator, which is what training and
 forward passes (attacks) use. The sampling engine (:mod:`bench.sampling`) instead installs a
 *noise source* with :func:`noise_source`: a callable ``source(kind, shape, like) -> Tensor``
 that returns the pre-generated, per-example-seeded noise for the rows being evaluated. That
-makes certified results independent of batch size and of how a test set is sharded.
+makes certified results independent of batch size and of how a test set is sharded. A source
+may also have a method ``add(kind, h, scale) -> Tensor`` returning ``h + scale * z`` itself
+(rounded exactly as that expression: ``scale * z`` first); a noise layer at prediction uses
+it, so the engine can form the noisy activation in the buffer it has just filled with ``z``
+instead of allocating two temporaries per forward pass.
 
 Noise is on in ``train()`` and ``eval()`` mode alike: a randomized defense is randomized at
 prediction time, and attack libraries that call ``model.eval()`` must not switch it off.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -67,14 +71,40 @@ def standard_noise(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
     return sample_standard(kind, shape, dtype=like.dtype, device=like.device)
 
 
-@contextlib.contextmanager
-def noise_source(source: NoiseSource | None) -> Iterator[None]:
-    """Route every :class:`NoiseLayer` draw inside the ``with`` block through ``source``."""
-    token = _SOURCE.set(source)
-    try:
-        yield
-    finally:
-        _SOURCE.reset(token)
+def add_standard_noise(kind: str, h: Tensor, scale: Tensor) -> Tensor:
+    """``h + scale * z``, ``z`` standard noise of ``h``'s shape (from the installed source).
+
+    ``scale``: a 0-d tensor of ``h``'s dtype. Uses the source's ``add`` method when it has
+    one (module doc); the value is the same either way for the same ``z``.
+    """
+    source = _SOURCE.get()
+    if source is None:
+        return h + scale * sample_standard(kind, h.shape, dtype=h.dtype, device=h.device)
+    add = getattr(source, "add", None)
+    if add is not None:
+        return add(kind, h, scale)
+    return h + scale * source(kind, h.shape, h)
+
+
+class noise_source(contextlib.AbstractContextManager):
+    """Route every :class:`NoiseLayer` draw inside the ``with`` block through ``source``.
+
+    ``with noise_source(source): ...``; ``None`` restores torch's global generator inside
+    the block. A class rather than a generator function: the sampling engine enters it once
+    per forward pass.
+    """
+
+    __slots__ = ("_source", "_tokens")
+
+    def __init__(self, source: NoiseSource | None) -> None:
+        self._source = source
+        self._tokens: list[contextvars.Token[NoiseSource | None]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_SOURCE.set(self._source))
+
+    def __exit__(self, *exc: object) -> None:
+        _SOURCE.reset(self._tokens.pop())
 
 
 class NoiseLayer(nn.Module):
@@ -113,12 +143,11 @@ class NoiseLayer(nn.Module):
         return s
 
     def forward(self, h: Tensor) -> Tensor:
-        z = standard_noise(self.kind, h.shape, h)
         if self.scale_fn is None and self.multiplier == 1.0:  # prediction: no scalar ops
             s = self.scale if self.scale.dtype == h.dtype else self.scale.to(h.dtype)
-        else:
-            s = (self.multiplier * self.effective_scale()).to(h.dtype)
-        return h + s * z
+            return add_standard_noise(self.kind, h, s)
+        z = standard_noise(self.kind, h.shape, h)
+        return h + (self.multiplier * self.effective_scale()).to(h.dtype) * z
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, scale={float(self.scale):.6g}"

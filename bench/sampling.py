@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy import special
 from torch import Tensor, nn
 
 from bench.errors import ConfigError
@@ -159,18 +159,20 @@ class _Site:
 @contextlib.contextmanager
 def _prediction_mode(model: nn.Module) -> Iterator[None]:
     """eval() mode and noise multiplier 1 inside the block; restore both afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    layers = noise_layers(model)
-    multipliers = [layer.multiplier for layer in layers]
-    model.eval()
-    for layer in layers:
+    modules = list(model.modules())
+    # Usually the model is already in eval mode: then eval() (a recursive walk) is skipped.
+    modes = [(m, m.training) for m in modules] if any(m.training for m in modules) else []
+    changed = [(m, m.multiplier) for m in modules if isinstance(m, NoiseLayer)]
+    if modes:
+        model.eval()
+    for layer, _ in changed:
         layer.multiplier = 1.0
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
-        for layer, mult in zip(layers, multipliers, strict=True):
+        for layer, mult in changed:
             layer.multiplier = mult
 
 
@@ -255,13 +257,26 @@ def default_batch_size(
     return _default_batch_size(x, per_row, block_rows)
 
 
-def _fill_block(site: _Site, out: Tensor, generator: torch.Generator) -> None:
+_FUSED_SCALE_DTYPES = (torch.float32, torch.float64)
+"""dtypes for which torch's CPU Gaussian sampler (blocks of >= 16 elements) rounds
+``std * z`` once, like scaling afterwards (not float64: its sampler rounds differently);
+tests/test_sampling.py checks the equality bit for bit."""
+
+
+def _fill_block(
+    site: _Site, out: Tensor, generator: torch.Generator, std: float | None = None
+) -> None:
     """Write one block's standard noise for ``site`` into ``out`` (``(rows, *site.shape)``).
 
     One generator call per block and site, so the values depend only on the generator's seed
-    and the block's row count, whatever ``out`` is a view of.
+    and the block's row count, whatever ``out`` is a view of. ``std`` (Gaussian only): write
+    ``std * z`` instead, scaled inside the sampler (torch's CPU sampler rounds ``z * std`` once,
+    exactly as multiplying afterwards does) to save a pass over the buffer.
     """
     if site.kind == "gaussian":
+        if std is not None:
+            out.normal_(0.0, std, generator=generator)
+            return
         torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device, out=out)
     else:
         out.copy_(
@@ -547,8 +562,11 @@ def _sample_streams(
             bar = tqdm(total=total, desc="noise draws", unit="draw")
         try:
             for chunk in _plan(num_examples, requests, block_size, batch_size):
-                for piece in _split_segments(chunk, limit):
-                    process(piece)
+                if limit == batch_size:  # no out-of-memory so far: the plan's passes as they are
+                    process(chunk)
+                else:
+                    for piece in _split_segments(chunk, limit):
+                        process(piece)
                 if bar is not None:
                     bar.update(sum(seg[5] - seg[4] for seg in chunk))
         finally:
@@ -591,6 +609,13 @@ class _Runner:
         self.cache_store: list[Tensor] = []
         self.repeated: tuple[int, Tensor] | None = None
         self.repeated_version = 0
+        # the pass being evaluated (read by the noise-source methods below)
+        self.chunk: list[_Segment] = []
+        self.num_rows = 0
+        self.calls = 0
+        self.seeded: set[tuple[int, torch.device]] = set()
+        self.source = noise_source(self)
+        self.ones = torch.ones(batch_size, dtype=torch.int64, device=x.device)
 
     def _seed(self, e: int, slot: int, b: int) -> int:
         return block_seed(self.seed, self.ids[e], self.streams[slot], b)
@@ -674,66 +699,116 @@ class _Runner:
         return kept[1][:rows]
 
     def run(self, chunk: list[_Segment], results: list[Samples]) -> None:
-        lengths = [r1 - r0 for _, _, _, _, r0, r1 in chunk]
-        num_rows = sum(lengths)
-        e0 = min(seg[0] for seg in chunk)
-        ne, num_slots = max(seg[0] for seg in chunk) + 1 - e0, len(results)
-        groups = [(seg[1] * ne + seg[0] - e0) for seg in chunk]  # (slot, example) of a segment
-        row_group = None
-        if ne == 1:
+        """Evaluate one forward pass made of ``chunk``'s segments; add its statistics."""
+        if len(chunk) == 1:  # the common case: one example (and one request) in the pass
+            e0, ne = chunk[0][0], 1
+            num_rows = chunk[0][5] - chunk[0][4]
+            groups, row_group = [chunk[0][1]], None
             inp = self._repeated(e0, num_rows)
         else:
-            seg_example = np.array([seg[0] - e0 for seg in chunk], dtype=np.int64)
-            row_example = torch.from_numpy(np.repeat(seg_example, lengths)).to(self.x.device)
-            inp = self.x[e0 : e0 + ne].index_select(0, row_example)
-        if len(set(groups)) > 1:
-            row_group = np.repeat(np.array(groups, dtype=np.int64), lengths)
-            row_group = torch.from_numpy(row_group).to(self.x.device)
+            lengths = [r1 - r0 for _, _, _, _, r0, r1 in chunk]
+            num_rows = sum(lengths)
+            e0 = min(seg[0] for seg in chunk)
+            ne = max(seg[0] for seg in chunk) + 1 - e0
+            groups = [(seg[1] * ne + seg[0] - e0) for seg in chunk]  # (slot, example) of a seg
+            row_group = None
+            if ne == 1:
+                inp = self._repeated(e0, num_rows)
+            else:
+                seg_example = np.array([seg[0] - e0 for seg in chunk], dtype=np.int64)
+                row_example = torch.from_numpy(np.repeat(seg_example, lengths)).to(self.x.device)
+                inp = self.x[e0 : e0 + ne].index_select(0, row_example)
+            if len(set(groups)) > 1:
+                row_group = np.repeat(np.array(groups, dtype=np.int64), lengths)
+                row_group = torch.from_numpy(row_group).to(self.x.device)
 
-        calls = 0
-        seeded: set[tuple[int, torch.device]] = set()
-
-        def replay(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
-            nonlocal calls
-            k = calls
-            site = self._site(k, kind, shape, like, num_rows)
-            calls += 1
-            if len(chunk) == 1 and lengths[0] < chunk[0][3]:
-                e, slot, b, rows, r0, r1 = chunk[0]
-                return self._cached(e, slot, b, rows, k)[r0:r1]
-            buf = self.buffers[k]
-            offset = 0
-            for position, (e, slot, b, rows, r0, r1) in enumerate(chunk):
-                view = buf[offset : offset + r1 - r0]
-                if r1 - r0 == rows:
-                    g = self._generator(position, site.device)
-                    if (position, site.device) not in seeded:
-                        g.manual_seed(self._seed(e, slot, b))
-                        seeded.add((position, site.device))
-                    _fill_block(site, view, g)
-                else:
-                    view.copy_(self._cached(e, slot, b, rows, k)[r0:r1])
-                offset += r1 - r0
-            return buf[:num_rows]
-
-        with noise_source(replay):
+        self.chunk, self.num_rows, self.calls = chunk, num_rows, 0
+        self.seeded.clear()
+        with self.source:
             out = self.model(inp)
         if not self.sites_known:
-            if calls == 0:
+            if self.calls == 0:
                 raise NotRandomizedError(
                     f"no NoiseLayer of {type(self.model).__name__} ran in its forward pass"
                 )
             self.sites_known = True
-        if calls != len(self.sites):
+        if self.calls != len(self.sites):
             raise ConfigError(
-                f"the model called {calls} noise layers, its first pass {len(self.sites)}"
+                f"the model called {self.calls} noise layers, its first pass {len(self.sites)}"
             )
         if out.dim() != 2 or out.shape != (num_rows, self.num_classes):
             raise ConfigError(
                 f"model output has shape {tuple(out.shape)} for {num_rows} rows; expected "
                 f"({num_rows}, num_classes={self.num_classes})"
             )
-        self._accumulate(out, chunk[0], groups, row_group, e0, ne, num_slots, results)
+        self._accumulate(out, chunk[0], groups, row_group, e0, ne, len(results), results)
+
+    def _draw(
+        self, kind: str, shape: torch.Size, like: Tensor, std: float | None = None
+    ) -> tuple[Tensor, bool, bool]:
+        """The current pass's noise for its next noise site: ``(z, scratch, scaled)``.
+
+        ``scratch``: ``z`` lies in the site's pass buffer (which the caller may overwrite: it
+        is refilled before every use) rather than in the cache of a block split across
+        passes. ``scaled``: ``z`` is already ``std * z`` (only for a pass of one whole block of
+        Gaussian noise on the CPU, where the sampler scales for free; see :func:`_fill_block`).
+        """
+        k = self.calls
+        chunk, num_rows = self.chunk, self.num_rows
+        site = self._site(k, kind, shape, like, num_rows)
+        self.calls = k + 1
+        if len(chunk) == 1:
+            e, slot, b, rows, r0, r1 = chunk[0]
+            if num_rows < rows:
+                return self._cached(e, slot, b, rows, k)[r0:r1], False, False
+            if (
+                std is not None
+                and site.kind == "gaussian"
+                and site.device.type == "cpu"
+                and site.dtype in _FUSED_SCALE_DTYPES
+                and num_rows * site.numel >= 16
+            ):
+                g = self._generator(0, site.device)
+                if (0, site.device) not in self.seeded:
+                    g.manual_seed(self._seed(e, slot, b))
+                    self.seeded.add((0, site.device))
+                view = self.buffers[k][:num_rows]
+                _fill_block(site, view, g, std)
+                return view, True, True
+        buf = self.buffers[k]
+        offset = 0
+        for position, (e, slot, b, rows, r0, r1) in enumerate(chunk):
+            view = buf[offset : offset + r1 - r0]
+            if r1 - r0 == rows:
+                g = self._generator(position, site.device)
+                if (position, site.device) not in self.seeded:
+                    g.manual_seed(self._seed(e, slot, b))
+                    self.seeded.add((position, site.device))
+                _fill_block(site, view, g)
+            else:
+                view.copy_(self._cached(e, slot, b, rows, k)[r0:r1])
+            offset += r1 - r0
+        return buf[:num_rows], True, False
+
+    def __call__(self, kind: str, shape: torch.Size, like: Tensor) -> Tensor:
+        """Noise source protocol (:mod:`bench.noise`): standard noise for the next site."""
+        return self._draw(kind, shape, like)[0]
+
+    def add(self, kind: str, h: Tensor, scale: Tensor) -> Tensor:
+        """Noise source protocol: ``h + scale * z``, formed in the site's pass buffer.
+
+        Same rounding as the expression (``scale * z`` first), so counts do not depend on
+        which of the two paths a noise layer takes.
+        """
+        std = float(scale) if scale.device.type == "cpu" and scale.dim() == 0 else None
+        z, scratch, scaled = self._draw(kind, h.shape, h, std)
+        if h.shape != z.shape or h.dtype != z.dtype:  # cannot happen for a NoiseLayer
+            return h + scale * z
+        if not scratch:
+            z = torch.mul(z, scale, out=self.buffers[self.calls - 1][: z.shape[0]])
+        elif not scaled:
+            z.mul_(scale)
+        return z.add_(h)
 
     def _accumulate(
         self,
@@ -753,7 +828,11 @@ class _Runner:
         p = torch.softmax(out.float(), dim=1).double() if softmax else None
         if row_group is None:  # one (request, example) in the whole pass
             e, res = first[0], results[first[1]]
-            res.counts[e].add_(torch.bincount(pred, minlength=k))
+            # index_add_ of ones: one kernel, no temporary (bincount + add_ measured 137 us vs
+            # 90 us per 1000 rows right after a pass on 2 CPU threads); integer, so exact.
+            if self.ones.shape[0] < pred.shape[0] or self.ones.device != pred.device:
+                self.ones = torch.ones(pred.shape[0], dtype=torch.int64, device=pred.device)
+            res.counts[e].index_add_(0, pred, self.ones[: pred.shape[0]])
             if p is not None and res.softmax_sum is not None and res.softmax_sq_sum is not None:
                 res.softmax_sum[e] += p.sum(dim=0)
                 res.softmax_sq_sum[e] += (p * p).sum(dim=0)
@@ -783,7 +862,10 @@ class _Runner:
 def _smoothed(model: nn.Module, x: Tensor, sigma: float) -> nn.Sequential:
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
         raise ConfigError(f"sigma must be a positive finite number, got {sigma!r}")
-    return nn.Sequential(NoiseLayer("gaussian", float(sigma)).to(x.device), model)
+    layer = NoiseLayer("gaussian", float(sigma))
+    if layer.scale.device != x.device:
+        layer = layer.to(x.device)
+    return nn.Sequential(layer, model)
 
 
 def _infer_classes(model: nn.Module, x: Tensor, num_classes: int | None) -> int:
@@ -875,7 +957,7 @@ def smoothed_certify(
     certified = p_lower >= 0.5
     radii = torch.where(
         certified,
-        float(sigma) * torch.as_tensor(norm.ppf(p_lower.numpy()), dtype=torch.float64),
+        float(sigma) * torch.as_tensor(special.ndtri(p_lower.numpy()), dtype=torch.float64),
         torch.zeros_like(p_lower),
     )
     labels = torch.where(certified, c_hat.cpu(), torch.full_like(c_hat.cpu(), -1))

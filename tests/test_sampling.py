@@ -558,3 +558,27 @@ def test_a_model_writing_into_its_input_does_not_change_later_passes() -> None:
     assert torch.equal(got.counts, ref.counts)
     zeros = sample(honest, torch.zeros_like(x), 2500, num_classes=K, seed=4, batch_size=500)
     assert not torch.equal(zeros.counts, ref.counts)  # the write would have shown
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 4, 4), (3,)], ids=["16-per-row", "3-per-row"])
+def test_noisy_inputs_are_x_plus_scale_times_z_bit_for_bit(dtype, shape) -> None:
+    """Whatever the pass layout (a block alone in a pass, where the engine lets the sampler
+    scale the noise; blocks packed together; a block split across passes), every noisy row
+    is exactly ``x + scale * z`` with ``z`` the contract's draw, never rounded differently."""
+    scale, n, block = 0.37, 23, 5  # blocks of 5 rows: 80 or 15 (< 16) elements
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    width = min(K, math.prod(shape))
+    for bs in (5, 2, 3, 12, 1000):  # alone / split / split / packed / all in one pass
+        rec = _Recorder()
+        model = nn.Sequential(NoiseLayer("gaussian", scale), rec).to(dtype)
+        sample(model, x, n, num_classes=width, seed=4, batch_size=bs, block_size=block)
+        got = rec.recorded(2, n)
+        for i in range(2):
+            z = []
+            for b in range(-(-n // block)):
+                g = torch.Generator().manual_seed(block_seed(4, i, ESTIMATION, b))
+                rows = min(block, n - b * block)
+                z.append(sample_standard("gaussian", (rows, *shape), dtype=dtype, generator=g))
+            want = x[i] + model[0].scale * torch.cat(z)  # the layer's scale, in dtype
+            assert torch.equal(got[i], want), (bs, i)
