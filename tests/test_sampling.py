@@ -582,3 +582,14 @@ def test_noisy_inputs_are_x_plus_scale_times_z_bit_for_bit(dtype, shape) -> None
                 z.append(sample_standard("gaussian", (rows, *shape), dtype=dtype, generator=g))
             want = x[i] + model[0].scale * torch.cat(z)  # the layer's scale, in dtype
             assert torch.equal(got[i], want), (bs, i)
+
+
+@pytest.mark.parametrize("rows", [1, 1000, 7000])  # 7000 x 10: more than one inline piece
+def test_argmax_rows_is_argmax_with_ties_and_nan(rows: int) -> None:
+    from bench.sampling import _argmax_rows
+
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.randint(0, 3, (rows, 10), generator=g).float()  # many ties
+    scores[torch.rand(rows, 10, generator=g) < 0.02] = float("nan")
+    scores[torch.rand(rows, 10, generator=g) < 0.02] = float("inf")
+    assert torch.equal(_argmax_rows(scores), scores.argmax(dim=1))
