@@ -431,9 +431,12 @@ def sample(
     Args:
         model: a network containing at least one :class:`~bench.noise.NoiseLayer` that runs
             in its forward; maps ``(B, C, H, W)`` to ``(B, num_classes)`` scores. Evaluated in
-            ``eval()`` mode with noise multipliers 1 (both restored afterwards).
-        x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``, on the model's device. The model
-            must not modify its input in place (rows of one example share its memory).
+            ``eval()`` mode with noise multipliers 1 (both restored afterwards). A noise
+            layer's output is formed in a buffer the engine refills on the next pass: a model
+            (or hook) that keeps it beyond the pass must keep a clone.
+        x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``, on the model's device. A model that
+            writes into its input gets a fresh copy for the next pass (rows of one example
+            share one copy).
         n: draws per example.
         num_classes: ``K``, the width of the model's output.
         seed: run seed; with ``indices``, ``stream`` and ``block_size`` it fixes every draw.
