@@ -259,8 +259,8 @@ def default_batch_size(
 
 _FUSED_SCALE_DTYPES = (torch.float32, torch.float64)
 """dtypes for which torch's CPU Gaussian sampler (blocks of >= 16 elements) rounds
-``std * z`` once, like scaling afterwards (not float64: its sampler rounds differently);
-tests/test_sampling.py checks the equality bit for bit."""
+``std * z`` once, like scaling afterwards (smaller blocks go through a float64 sampler that
+does not); tests/test_sampling.py checks the equality bit for bit."""
 
 
 def _fill_block(
@@ -765,24 +765,18 @@ class _Runner:
         chunk, num_rows = self.chunk, self.num_rows
         site = self._site(k, kind, shape, like, num_rows)
         self.calls = k + 1
-        if len(chunk) == 1:
+        if len(chunk) == 1 and num_rows < chunk[0][3]:
             e, slot, b, rows, r0, r1 = chunk[0]
-            if num_rows < rows:
-                return self._cached(e, slot, b, rows, k)[r0:r1], False, False
-            if (
-                std is not None
-                and site.kind == "gaussian"
-                and site.device.type == "cpu"
-                and site.dtype in _FUSED_SCALE_DTYPES
-                and num_rows * site.numel >= 16
-            ):
-                g = self._generator(0, site.device)
-                if (0, site.device) not in self.seeded:
-                    g.manual_seed(self._seed(e, slot, b))
-                    self.seeded.add((0, site.device))
-                view = self.buffers[k][:num_rows]
-                _fill_block(site, view, g, std)
-                return view, True, True
+            return self._cached(e, slot, b, rows, k)[r0:r1], False, False
+        fused = (
+            std
+            if len(chunk) == 1
+            and site.kind == "gaussian"
+            and site.device.type == "cpu"
+            and site.dtype in _FUSED_SCALE_DTYPES
+            and num_rows * site.numel >= 16
+            else None
+        )
         buf = self.buffers[k]
         offset = 0
         for position, (e, slot, b, rows, r0, r1) in enumerate(chunk):
@@ -792,11 +786,11 @@ class _Runner:
                 if (position, site.device) not in self.seeded:
                     g.manual_seed(self._seed(e, slot, b))
                     self.seeded.add((position, site.device))
-                _fill_block(site, view, g)
+                _fill_block(site, view, g, fused)
             else:
                 view.copy_(self._cached(e, slot, b, rows, k)[r0:r1])
             offset += r1 - r0
-        return buf[:num_rows], True, False
+        return buf[:num_rows], True, fused is not None
 
     def __call__(self, kind: str, shape: torch.Size, like: Tensor) -> Tensor:
         """Noise source protocol (:mod:`bench.noise`): standard noise for the next site."""
@@ -810,7 +804,7 @@ class _Runner:
         """
         std = float(scale) if scale.device.type == "cpu" and scale.dim() == 0 else None
         z, scratch, scaled = self._draw(kind, h.shape, h, std)
-        if h.shape != z.shape or h.dtype != z.dtype:  # cannot happen for a NoiseLayer
+        if h.dtype != z.dtype:  # a later pass in another dtype than the first (shape: checked)
             return h + scale * z
         if not scratch:
             z = torch.mul(z, scale, out=self.buffers[self.calls - 1][: z.shape[0]])
