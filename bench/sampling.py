@@ -48,9 +48,10 @@ import itertools
 import math
 import numbers
 import operator
+import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "ESTIMATION",
     "MAX_BATCH_SIZE",
+    "MAX_CPU_WORKERS",
     "MEMORY_BUDGET_BYTES",
     "PREDICTION",
     "RESCORE",
@@ -425,6 +427,7 @@ def sample(
     block_size: int = DEFAULT_BLOCK_SIZE,
     softmax: bool = False,
     progress: bool = False,
+    workers: int | None = None,
 ) -> Samples:
     """Run ``n`` noisy forward passes of a randomized ``model`` per example of ``x``.
 
@@ -448,9 +451,14 @@ def sample(
         block_size: draws per seeded block; changing it changes the draws (part of the record).
         softmax: also accumulate softmax sums and sums of squares.
         progress: show a tqdm progress bar over the ``N * n`` rows.
-
-    Returns:
-        :class:`Samples` with tensors on ``x.device``.
+        workers: CPU pipelines (threads) that run the forward passes side by side, each
+            with ``torch.get_num_threads() // workers`` intra-op threads (default: one per
+            intra-op thread, at most :data:`MAX_CPU_WORKERS`; ``1`` runs every pass in the
+            calling thread with all of torch's threads). Off the CPU, and for work of one
+            pass, the passes always run in the calling thread. Does not change a draw or a
+            count (softmax sums: the last bits may differ from ``workers=1``, never from
+            run to run). With several pipelines the model is called from several threads
+            at once: its forward must not change shared state (true of torch's layers).
 
     Raises:
         NotRandomizedError: (a ``ValueError``) if no noise layer runs in the forward.
@@ -470,6 +478,7 @@ def sample(
         block_size=block_size,
         softmax=softmax,
         progress=progress,
+        workers=workers,
     )[0]
 
 
@@ -486,6 +495,7 @@ def _sample_streams(
     softmax: bool = False,
     progress: bool = False,
     row_bytes_owner: nn.Module | None = None,
+    workers: int | None = None,
 ) -> list[Samples]:
     """:func:`sample` for several ``(stream, n)`` requests at once, sharing forward passes.
 
@@ -498,6 +508,8 @@ def _sample_streams(
     seed = _check_int("seed", seed, -(2**63))
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
+    if workers is not None:
+        workers = _check_int("workers", workers, 1)
     if not noise_layers(model):
         raise NotRandomizedError(
             f"sample() needs a randomized model (one with a NoiseLayer); got {type(model).__name__}"
@@ -505,14 +517,7 @@ def _sample_streams(
     num_examples = x.shape[0]
     ids = _check_indices(indices, num_examples)
     device = x.device
-    results = []
-    for _, n in requests:
-        sm_sum = sm_sq = None
-        if softmax:
-            sm_sum = torch.zeros(num_examples, num_classes, dtype=torch.float64, device=device)
-            sm_sq = torch.zeros_like(sm_sum)
-        counts = torch.zeros(num_examples, num_classes, dtype=torch.int64, device=device)
-        results.append(Samples(counts, n, sm_sum, sm_sq))
+    results = _zero_results(requests, num_examples, num_classes, softmax, device)
     if num_examples == 0:
         return results
 
@@ -522,45 +527,12 @@ def _sample_streams(
             per_row = _row_bytes(model, x, owner=row_bytes_owner)
             batch_size = _default_batch_size(x, per_row, block_rows)
         streams = [stream for stream, _ in requests]
-        runner = _Runner(model, x, ids, seed, streams, batch_size, num_classes)
-        limit = batch_size  # lowered when a forward pass runs out of memory
+        units = list(_units(_plan(num_examples, requests, block_size, batch_size)))
+        threads = torch.get_num_threads()
+        pool = _num_workers(workers, device, threads, len(units))
 
-        def process(piece: list[_Segment]) -> None:
-            """Run one pass; on out-of-memory halve the pass size and retry its pieces.
-
-            The draws of a row depend only on its block's seed, never on how rows are grouped
-            into passes, so a retried pass gives exactly the counts the original would have.
-            """
-            nonlocal runner, limit
-            rows = sum(r1 - r0 for *_, r0, r1 in piece)
-            if rows > limit:  # the limit fell since this piece was cut
-                for sub_piece in _split_segments(piece, limit):
-                    process(sub_piece)
-                return
-            try:
-                runner.run(piece, results)
-                return
-            except Exception as exc:
-                if not _is_out_of_memory(exc) or rows <= 1:
-                    raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            limit = max(1, rows // 2)
-            warnings.warn(
-                f"out of memory in a forward pass of {rows} rows; retrying with {limit}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            old = runner
-            runner = _Runner(model, x, ids, seed, streams, limit, num_classes)
-            if old.sites_known:  # keep the discovered noise sites, with smaller buffers
-                runner.sites_known, runner.sites = True, old.sites
-                runner.buffers = [
-                    torch.empty((limit, *s.shape), dtype=s.dtype, device=s.device)
-                    for s in old.sites
-                ]
-            for sub_piece in _split_segments(piece, limit):
-                process(sub_piece)
+        def pipeline() -> _Pipeline:
+            return _Pipeline(_Runner(model, x, ids, seed, streams, batch_size, num_classes))
 
         bar = None
         if progress:
@@ -569,18 +541,232 @@ def _sample_streams(
             total = num_examples * sum(n for _, n in requests)
             bar = tqdm(total=total, desc="noise draws", unit="draw")
         try:
-            for chunk in _plan(num_examples, requests, block_size, batch_size):
-                if limit == batch_size:  # no out-of-memory so far: the plan's passes as they are
-                    process(chunk)
-                else:
-                    for piece in _split_segments(chunk, limit):
-                        process(piece)
-                if bar is not None:
-                    bar.update(sum(seg[5] - seg[4] for seg in chunk))
+            if pool == 1:
+                line = pipeline()
+                for unit in units:
+                    for chunk in unit:
+                        line.run(chunk, results)
+                    if bar is not None:
+                        bar.update(_unit_rows(unit))
+            else:
+                partial = _run_threads(
+                    units,
+                    pool,
+                    threads,
+                    pipeline,
+                    lambda: _zero_results(requests, num_examples, num_classes, softmax, device),
+                    bar,
+                    ordered=softmax,
+                )
+                for part in partial:  # in worker order: a fixed summation order
+                    for res, add in zip(results, part, strict=True):
+                        res.counts += add.counts
+                        if res.softmax_sum is not None and add.softmax_sum is not None:
+                            res.softmax_sum += add.softmax_sum
+                        if res.softmax_sq_sum is not None and add.softmax_sq_sum is not None:
+                            res.softmax_sq_sum += add.softmax_sq_sum
         finally:
             if bar is not None:
                 bar.close()
     return results
+
+
+def _zero_results(
+    requests: list[tuple[int, int]],
+    num_examples: int,
+    num_classes: int,
+    softmax: bool,
+    device: torch.device,
+) -> list[Samples]:
+    """One zeroed :class:`Samples` per request."""
+    results = []
+    for _, n in requests:
+        sm_sum = sm_sq = None
+        if softmax:
+            sm_sum = torch.zeros(num_examples, num_classes, dtype=torch.float64, device=device)
+            sm_sq = torch.zeros_like(sm_sum)
+        counts = torch.zeros(num_examples, num_classes, dtype=torch.int64, device=device)
+        results.append(Samples(counts, n, sm_sum, sm_sq))
+    return results
+
+
+def _units(plan: Iterator[list[_Segment]]) -> Iterator[list[list[_Segment]]]:
+    """Group a plan's passes into units of work: the passes of a block split across passes
+    stay together (one runner generates the block's noise once and slices it); every other
+    pass is a unit of its own."""
+    unit: list[list[_Segment]] = []
+    for chunk in plan:
+        split = len(chunk) == 1 and chunk[0][5] - chunk[0][4] < chunk[0][3]
+        if unit and split and chunk[0][4] > 0:  # a later piece of the block being split
+            unit.append(chunk)
+            continue
+        if unit:
+            yield unit
+        unit = [chunk]
+    if unit:
+        yield unit
+
+
+def _unit_rows(unit: list[list[_Segment]]) -> int:
+    return sum(seg[5] - seg[4] for chunk in unit for seg in chunk)
+
+
+MAX_CPU_WORKERS = 8
+"""Upper bound on the default number of CPU pipelines (see :func:`sample`'s ``workers``):
+each holds its own pass buffers and activations, and all share one interpreter lock."""
+
+
+def _num_workers(workers: int | None, device: torch.device, threads: int, num_units: int) -> int:
+    """How many pipelines run the units: 1 off the CPU, else ``workers`` or (by default) one
+    per intra-op thread of the caller, at most :data:`MAX_CPU_WORKERS`, and never more than
+    there are units."""
+    if device.type != "cpu" or num_units < 2:
+        return 1
+    wanted = min(threads, MAX_CPU_WORKERS) if workers is None else workers
+    return max(1, min(wanted, num_units))
+
+
+class _Pipeline:
+    """A :class:`_Runner` and its pass-size limit, lowered when a pass runs out of memory."""
+
+    def __init__(self, runner: _Runner) -> None:
+        self.runner = runner
+        self.batch_size = self.limit = runner.batch_size
+
+    def run(self, chunk: list[_Segment], results: list[Samples]) -> None:
+        """Evaluate one planned pass (cut to the current limit) and add its statistics."""
+        if self.limit == self.batch_size:  # no out-of-memory so far: the pass as planned
+            self._process(chunk, results)
+        else:
+            for piece in _split_segments(chunk, self.limit):
+                self._process(piece, results)
+
+    def _process(self, piece: list[_Segment], results: list[Samples]) -> None:
+        """Run one pass; on out-of-memory halve the pass size and retry its pieces.
+
+        The draws of a row depend only on its block's seed, never on how rows are grouped
+        into passes, so a retried pass gives exactly the counts the original would have.
+        """
+        rows = sum(r1 - r0 for *_, r0, r1 in piece)
+        if rows > self.limit:  # the limit fell since this piece was cut
+            for sub_piece in _split_segments(piece, self.limit):
+                self._process(sub_piece, results)
+            return
+        try:
+            self.runner.run(piece, results)
+            return
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or rows <= 1:
+                raise
+        device = self.runner.x.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.limit = max(1, rows // 2)
+        warnings.warn(
+            f"out of memory in a forward pass of {rows} rows; retrying with {self.limit}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        old = self.runner
+        self.runner = _Runner(
+            old.model, old.x, old.ids, old.seed, old.streams, self.limit, old.num_classes
+        )
+        if old.sites_known:  # keep the discovered noise sites, with smaller buffers
+            self.runner.sites_known, self.runner.sites = True, old.sites
+            self.runner.buffers = [
+                torch.empty((self.limit, *s.shape), dtype=s.dtype, device=s.device)
+                for s in old.sites
+            ]
+        for sub_piece in _split_segments(piece, self.limit):
+            self._process(sub_piece, results)
+
+
+def _run_threads(
+    units: list[list[list[_Segment]]],
+    workers: int,
+    threads: int,
+    pipeline: Callable[[], _Pipeline],
+    zero_results: Callable[[], list[Samples]],
+    bar: object | None,
+    *,
+    ordered: bool,
+) -> list[list[Samples]]:
+    """Run ``units`` on ``workers`` CPU pipelines, each in its own thread; return each
+    worker's statistics (in worker order).
+
+    Each pipeline runs torch with ``threads // workers`` intra-op threads (at least one) and
+    widens to ``threads // active`` when others have finished, so the last units still use
+    every core. The serial steps of a pass (the Gaussian sampler, argmax, counting, Python)
+    then overlap with another pipeline's forward pass instead of idling the other cores.
+    Units are taken in plan order as workers free up; with ``ordered`` (float sums, whose
+    rounding depends on the order of addition) worker ``w`` takes units ``w, w + workers,
+    ...``, so the sums do not depend on timing. The caller's thread count is restored on
+    return. The first error (in plan order) is re-raised after every worker has stopped.
+    """
+    lock = threading.Lock()
+    parts = [zero_results() for _ in range(workers)]
+    state = {"next": 0, "active": workers, "stop": False}
+    errors: list[tuple[int, BaseException]] = []
+
+    def claim(w: int, done: int) -> int | None:
+        with lock:
+            if state["stop"]:
+                return None
+            if ordered:
+                index = w + done * workers
+            else:
+                index = state["next"]
+                state["next"] = index + 1
+            return index if index < len(units) else None
+
+    def work(w: int) -> None:
+        index = -1
+        try:
+            current = 0
+            line = None
+            done = 0
+            with torch.inference_mode():
+                while (index := claim(w, done)) is not None:
+                    want = max(1, threads // max(1, state["active"]))
+                    if want != current:
+                        torch.set_num_threads(want)
+                        current = want
+                    if line is None:
+                        line = pipeline()
+                    for chunk in units[index]:
+                        line.run(chunk, parts[w])
+                    done += 1
+                    if bar is not None:
+                        with lock:
+                            bar.update(_unit_rows(units[index]))  # type: ignore[attr-defined]
+        except BaseException as exc:
+            with lock:
+                errors.append((index, exc))
+                state["stop"] = True
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    pool = [
+        threading.Thread(target=work, args=(w,), name=f"certbench-sampler-{w}", daemon=True)
+        for w in range(workers)
+    ]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    except BaseException:  # e.g. KeyboardInterrupt: stop after the passes in flight
+        with lock:
+            state["stop"] = True
+        for t in pool:
+            t.join()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if errors:
+        raise min(errors, key=lambda item: item[0])[1]
+    return parts
 
 
 class _Runner:
@@ -907,6 +1093,7 @@ def smoothed_certify(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     indices: Tensor | None = None,
+    workers: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cohen et al.'s CERTIFY for the Gaussian smoothing of a base classifier ``model``.
 
@@ -929,6 +1116,8 @@ def smoothed_certify(
         generator: if ``seed`` is ``None``, the seed is one integer drawn from it.
         seed: run seed (default 0); with ``indices`` it fixes every draw.
         indices: ``(N,)`` global example ids (default ``arange(N)``).
+        workers: CPU pipelines running passes side by side (see :func:`sample`; does not
+            change the result).
 
     Returns:
         ``labels`` ``(N,)`` int64 (``-1`` = abstain, when ``p_lower < 0.5``) and ``radii``
@@ -952,6 +1141,7 @@ def smoothed_certify(
         batch_size=batch_size,
         block_size=DEFAULT_BLOCK_SIZE,
         row_bytes_owner=model,
+        workers=workers,
     )
     c_hat = selection.counts.argmax(dim=1)
     n_a = estimation.counts.gather(1, c_hat[:, None])[:, 0].cpu().numpy()
@@ -978,6 +1168,7 @@ def smoothed_predict(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     indices: Tensor | None = None,
+    workers: int | None = None,
 ) -> Tensor:
     """Cohen et al.'s PREDICT for the Gaussian smoothing of a base classifier ``model``.
 
@@ -1004,6 +1195,7 @@ def smoothed_predict(
         batch_size=batch_size,
         block_size=DEFAULT_BLOCK_SIZE,
         row_bytes_owner=model,
+        workers=workers,
     )
     top = torch.topk(samples.counts, 2, dim=1)
     c1 = top.values[:, 0].cpu().numpy()

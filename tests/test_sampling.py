@@ -122,6 +122,7 @@ def test_draws_follow_the_per_example_block_contract(kind: str) -> None:
         indices=torch.tensor([5, 0, 9]),
         batch_size=12,
         block_size=block,
+        workers=1,  # one pipeline: the recorder sees the rows in plan order
     )
     got = rec.recorded(3, n)
     for row, index in enumerate([5, 0, 9]):
@@ -143,6 +144,7 @@ def test_streams_and_seeds_give_different_draws() -> None:
             num_classes=K,
             seed=key[0],
             stream=key[1],
+            workers=1,
         )
         draws[key] = rec.recorded(2, 50)
     keys = list(draws)
@@ -236,7 +238,9 @@ def test_softmax_sums_match_direct_computation() -> None:
     rec = _Recorder()
     model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
     x = _inputs(3)[:, :, :4, :4]
-    s = sample(model, x, 120, num_classes=K, seed=2, softmax=True, batch_size=50, block_size=40)
+    s = sample(
+        model, x, 120, num_classes=K, seed=2, softmax=True, batch_size=50, block_size=40, workers=1
+    )
     logits = rec.recorded(3, 120).flatten(2)[:, :, :K].double()
     p = torch.softmax(logits, dim=2)
     torch.testing.assert_close(s.softmax_sum, p.sum(1), rtol=1e-6, atol=1e-6)
@@ -448,7 +452,9 @@ def test_sites_of_equal_shape_get_different_noise() -> None:
     model = nn.Sequential(
         NoiseLayer("gaussian", 1.0), tap1, NoiseLayer("gaussian", 1.0), tap2, _Recorder()
     )
-    sample(model, torch.zeros(2, 1, 4, 4), 30, num_classes=K, block_size=10, batch_size=25)
+    sample(
+        model, torch.zeros(2, 1, 4, 4), 30, num_classes=K, block_size=10, batch_size=25, workers=1
+    )
     z1 = torch.cat(tap1.rows)[-60:]
     z2 = torch.cat(tap2.rows)[-60:] - z1
     assert z1.shape == (60, 1, 4, 4)
@@ -505,7 +511,7 @@ def test_out_of_memory_backs_off_and_keeps_results_identical():
     x = torch.rand(3, 1, 8, 8)
     oom = _OOMAbove(limit=100)
     with pytest.warns(RuntimeWarning, match="out of memory in a forward pass of 700 rows"):
-        got = sample(oom, x, 700, num_classes=5, seed=4, batch_size=1000, block_size=500)
+        got = sample(oom, x, 700, num_classes=5, seed=4, batch_size=1000, block_size=500, workers=1)
     # 700 -> 350 -> 175 -> 87 rows: three failed passes, then every pass fits
     assert sum(p > 100 for p in oom.passes) == 3
     assert all(p <= 100 for p in oom.passes[4:])
@@ -572,7 +578,7 @@ def test_noisy_inputs_are_x_plus_scale_times_z_bit_for_bit(dtype, shape) -> None
     for bs in (5, 2, 3, 12, 1000):  # alone / split / split / packed / all in one pass
         rec = _Recorder()
         model = nn.Sequential(NoiseLayer("gaussian", scale), rec).to(dtype)
-        sample(model, x, n, num_classes=width, seed=4, batch_size=bs, block_size=block)
+        sample(model, x, n, num_classes=width, seed=4, batch_size=bs, block_size=block, workers=1)
         got = rec.recorded(2, n)
         for i in range(2):
             z = []
@@ -593,3 +599,177 @@ def test_argmax_rows_is_argmax_with_ties_and_nan(rows: int) -> None:
     scores[torch.rand(rows, 10, generator=g) < 0.02] = float("nan")
     scores[torch.rand(rows, 10, generator=g) < 0.02] = float("inf")
     assert torch.equal(_argmax_rows(scores), scores.argmax(dim=1))
+
+
+# --------------------------------------------------------------------------- CPU pipelines
+class _SlowRecorder(_Recorder):
+    """A :class:`_Recorder` that also notes, per pass, the thread and its intra-op threads,
+    and sleeps 5 ms (releasing the interpreter lock) so that every pipeline gets passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def forward(self, h: Tensor) -> Tensor:
+        import threading
+        import time
+
+        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.005)
+        return super().forward(h)
+
+
+def _row_multiset(rows: Tensor) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, rows.flatten(1).tolist()))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("batch_size", [7, 12, 40])
+def test_pipelines_draw_exactly_the_contract_rows(workers: int, batch_size: int) -> None:
+    # Oracle: the per-(example, block) seeding contract. Whichever pipeline runs a pass, the
+    # noisy rows seen by the model are exactly the contract's rows, each once (the order of
+    # the passes is free); batch 7 splits blocks of 10 across passes, 40 packs them.
+    import threading
+
+    rec = _SlowRecorder()
+    model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
+    ids = [5, 0, 9]
+    threads_before, alive_before = torch.get_num_threads(), threading.active_count()
+    s = sample(
+        model,
+        torch.zeros(3, 1, 4, 4),
+        25,
+        num_classes=K,
+        seed=7,
+        indices=torch.tensor(ids),
+        batch_size=batch_size,
+        block_size=10,
+        workers=workers,
+    )
+    want = torch.cat(
+        [
+            _expected_noise(
+                "gaussian", (1, 4, 4), seed=7, index=i, stream=ESTIMATION, n=25, block_size=10
+            )
+            for i in ids
+        ]
+    )
+    got = torch.cat(rec.rows)
+    assert got.shape == want.shape  # every row once: no pass run twice, none skipped
+    assert _row_multiset(got) == _row_multiset(want)
+    assert torch.equal(s.counts.sum(1), torch.full((3,), 25))
+    # the passes ran in the pipelines' threads, each with its share of the intra-op threads
+    names = {name for name, _ in rec.calls}
+    assert names <= {f"certbench-sampler-{w}" for w in range(workers)} and len(names) >= 2
+    assert min(t for _, t in rec.calls) == max(1, threads_before // workers)
+    assert max(t for _, t in rec.calls) <= threads_before
+    assert torch.get_num_threads() == threads_before  # the caller's setting is restored
+    assert threading.active_count() == alive_before  # no thread left behind
+
+
+def test_one_worker_runs_in_the_calling_thread() -> None:
+    import threading
+
+    rec = _SlowRecorder()
+    model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
+    sample(model, torch.zeros(2, 1, 4, 4), 30, num_classes=K, batch_size=10, workers=1)
+    assert {name for name, _ in rec.calls} == {threading.current_thread().name}
+    assert {t for _, t in rec.calls} == {torch.get_num_threads()}
+
+
+def test_certify_and_sample_do_not_depend_on_workers() -> None:
+    base = _base_cnn()
+    x = _inputs(6)
+    kw = dict(sigma=0.5, n0=100, n=2500, alpha=0.001, num_classes=K, seed=21)
+    ref_l, ref_r = smoothed_certify(base, x, workers=1, **kw)
+    assert (ref_l >= 0).any() and (ref_r > 0).any()
+    for workers, bs in ((2, None), (3, 700), (2, 400), (4, 2600)):  # 400: blocks split
+        labels, radii = smoothed_certify(base, x, workers=workers, batch_size=bs, **kw)
+        assert torch.equal(labels, ref_l) and torch.equal(radii, ref_r), (workers, bs)
+    model = nn.Sequential(NoiseLayer("gaussian", 0.5), base)
+    one = sample(model, x, 2500, num_classes=K, seed=3, softmax=True, workers=1, batch_size=400)
+    two = sample(model, x, 2500, num_classes=K, seed=3, softmax=True, workers=2, batch_size=400)
+    again = sample(model, x, 2500, num_classes=K, seed=3, softmax=True, workers=2, batch_size=400)
+    assert torch.equal(two.counts, one.counts)
+    assert one.softmax_sum is not None and two.softmax_sum is not None
+    assert two.softmax_sq_sum is not None and again.softmax_sq_sum is not None
+    # float sums: each pipeline adds its own passes, in a fixed order (run to run identical)
+    assert torch.equal(two.softmax_sum, again.softmax_sum)
+    assert torch.equal(two.softmax_sq_sum, again.softmax_sq_sum)
+    torch.testing.assert_close(two.softmax_sum, one.softmax_sum, rtol=0, atol=2500 * 1e-6)
+
+
+def test_a_pipeline_error_is_raised_after_all_threads_stop() -> None:
+    import threading
+
+    class FailsOnThirdPass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.noise = NoiseLayer("gaussian", 0.5)
+            self.fc = nn.Linear(16, K)
+            self.lock = threading.Lock()
+            self.passes = 0
+
+        def forward(self, h: Tensor) -> Tensor:
+            with self.lock:
+                self.passes += 1
+                if self.passes == 3:
+                    raise ValueError("boom in pass 3")
+            return self.fc(self.noise(h).flatten(1))
+
+    threads_before, alive_before = torch.get_num_threads(), threading.active_count()
+    model = FailsOnThirdPass()
+    with pytest.raises(ValueError, match="boom in pass 3"):
+        sample(model, torch.rand(4, 1, 4, 4), 500, num_classes=K, batch_size=50, workers=2)
+    assert model.passes < 40  # the other pipeline stopped after its pass in flight
+    assert torch.get_num_threads() == threads_before
+    assert threading.active_count() == alive_before
+
+
+def test_out_of_memory_in_pipelines_keeps_results_identical() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8)
+    oom = _OOMAbove(limit=100)
+    with pytest.warns(RuntimeWarning, match="out of memory in a forward pass"):
+        got = sample(oom, x, 2100, num_classes=5, seed=4, batch_size=1000, block_size=500)
+    assert all(p <= 100 for p in oom.passes[-5:])
+    ok = _OOMAbove(limit=10**9)
+    ok.load_state_dict(oom.state_dict())
+    ref = sample(ok, x, 2100, num_classes=5, seed=4, batch_size=64, block_size=500, workers=1)
+    assert torch.equal(got.counts, ref.counts)
+
+
+def test_units_keep_the_passes_of_a_split_block_together() -> None:
+    from bench.sampling import _plan, _units
+
+    # 2 examples x 25 draws, blocks of 10 (10, 10, 5), passes of at most 4 rows: each
+    # 10-row block is split in 3 passes (one unit), a 5-row block in 2 (one unit).
+    units = list(_units(_plan(2, [(ESTIMATION, 25)], 10, 4)))
+    assert [len(u) for u in units] == [3, 3, 2, 3, 3, 2]
+    for unit in units:
+        assert len({(seg[0], seg[1], seg[2]) for chunk in unit for seg in chunk}) == 1
+    # passes of whole blocks are units of their own
+    units = list(_units(_plan(3, [(SELECTION, 5), (ESTIMATION, 20)], 10, 12)))
+    assert all(len(u) == 1 for u in units)
+    rows = sum(seg[5] - seg[4] for u in units for chunk in u for seg in chunk)
+    assert rows == 3 * 25
+
+
+def test_number_of_pipelines() -> None:
+    from bench.sampling import MAX_CPU_WORKERS, _num_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _num_workers(None, cpu, 2, 41) == 2  # default: one per intra-op thread
+    assert _num_workers(None, cpu, 1, 41) == 1
+    assert _num_workers(None, cpu, 64, 1000) == MAX_CPU_WORKERS
+    assert _num_workers(3, cpu, 2, 41) == 3  # asked for: as many, sharing the threads
+    assert _num_workers(4, cpu, 2, 2) == 2  # never more than there are units of work
+    assert _num_workers(None, cpu, 2, 1) == 1
+    assert _num_workers(4, cuda, 8, 100) == 1  # accelerators: the calling thread
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_rejects_bad_workers(workers: object) -> None:
+    model = nn.Sequential(NoiseLayer("gaussian", 0.5), _Recorder())
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1"):
+        sample(model, torch.zeros(1, 1, 4, 4), 10, num_classes=K, workers=workers)  # type: ignore[arg-type]
