@@ -39,6 +39,18 @@ exactly: down to a multiple of the block's rows when it holds at least one, else
 on CPU, where every parallel kernel has a fixed cost (large on a busy machine); for the same
 reason a pass of one example reuses one contiguous copy of it as input and the argmax
 runs in pieces small enough for ATen to run inline.
+
+**CPU pipelines.** Part of every pass is serial: torch's CPU Gaussian sampler (one Mersenne
+Twister stream), the argmax and count, the Python around them. With one pass at a time on
+all cores, the other cores wait through it. On CPU the passes are therefore dealt to
+``workers`` threads (default: one per intra-op thread of the caller), each running its passes
+with its share of the intra-op threads, so one pipeline's serial steps overlap another's
+forward pass (on 2 cores: 1.1-1.3x the draws/s of one pipeline, benchmarks/RESULTS.md). A
+pipeline takes whole units of work (a pass, or the passes of a block split across passes,
+whose cached noise it generates once) and keeps its own buffers and counts, summed at the
+end; pipelines that run out of work hand their threads to the ones still running. No draw
+depends on which pipeline ran a pass, so counts do not depend on ``workers``. Each pipeline
+holds its own pass in memory (``workers`` times the pass budget).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import itertools
 import math
 import numbers
 import operator
+import os
 import threading
 import warnings
 import weakref
@@ -453,8 +466,9 @@ def sample(
         progress: show a tqdm progress bar over the ``N * n`` rows.
         workers: CPU pipelines (threads) that run the forward passes side by side, each
             with ``torch.get_num_threads() // workers`` intra-op threads (default: one per
-            intra-op thread, at most :data:`MAX_CPU_WORKERS`; ``1`` runs every pass in the
-            calling thread with all of torch's threads). Off the CPU, and for work of one
+            intra-op thread, at most :data:`MAX_CPU_WORKERS`, or the environment variable
+            ``CERTBENCH_SAMPLER_WORKERS``; ``1`` runs every pass in the calling thread with
+            all of torch's threads). Off the CPU, and for work of one
             pass, the passes always run in the calling thread. Does not change a draw or a
             count (softmax sums: the last bits may differ from ``workers=1``, never from
             run to run). With several pipelines the model is called from several threads
@@ -616,10 +630,23 @@ MAX_CPU_WORKERS = 8
 each holds its own pass buffers and activations, and all share one interpreter lock."""
 
 
+WORKERS_ENV = "CERTBENCH_SAMPLER_WORKERS"
+"""Environment variable giving the default ``workers`` of :func:`sample` (e.g. ``1`` for a
+model whose forward is not safe to call from two threads at once)."""
+
+
 def _num_workers(workers: int | None, device: torch.device, threads: int, num_units: int) -> int:
-    """How many pipelines run the units: 1 off the CPU, else ``workers`` or (by default) one
-    per intra-op thread of the caller, at most :data:`MAX_CPU_WORKERS`, and never more than
-    there are units."""
+    """How many pipelines run the units: 1 off the CPU, else ``workers`` or (by default)
+    :data:`WORKERS_ENV` or one per intra-op thread of the caller, at most
+    :data:`MAX_CPU_WORKERS`; never more than there are units."""
+    if workers is None and os.environ.get(WORKERS_ENV, "").strip():
+        value = os.environ[WORKERS_ENV].strip()
+        try:
+            workers = int(value)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise ConfigError(f"{WORKERS_ENV} must be an integer >= 1, got {value!r}")
     if device.type != "cpu" or num_units < 2:
         return 1
     wanted = min(threads, MAX_CPU_WORKERS) if workers is None else workers
@@ -707,6 +734,7 @@ def _run_threads(
     parts = [zero_results() for _ in range(workers)]
     state = {"next": 0, "active": workers, "stop": False}
     errors: list[tuple[int, BaseException]] = []
+    finished = threading.Event()
 
     def claim(w: int, done: int) -> int | None:
         with lock:
@@ -734,6 +762,8 @@ def _run_threads(
                     if line is None:
                         line = pipeline()
                     for chunk in units[index]:
+                        if state["stop"]:  # another pipeline failed, or the caller stopped
+                            return
                         line.run(chunk, parts[w])
                     done += 1
                     if bar is not None:
@@ -746,6 +776,8 @@ def _run_threads(
         finally:
             with lock:
                 state["active"] -= 1
+                if state["active"] == 0:
+                    finished.set()
 
     pool = [
         threading.Thread(target=work, args=(w,), name=f"certbench-sampler-{w}", daemon=True)
@@ -754,16 +786,23 @@ def _run_threads(
     try:
         for t in pool:
             t.start()
-        for t in pool:
-            t.join()
+        # Wait on an event, not in Thread.join: on Python 3.11 an exception raised inside
+        # join (Ctrl-C) can mark a running thread as finished. Short waits let this thread
+        # run the signal handler when the signal was delivered to another thread.
+        while not finished.wait(0.05):
+            pass
     except BaseException:  # e.g. KeyboardInterrupt: stop after the passes in flight
         with lock:
             state["stop"] = True
-        for t in pool:
-            t.join()
+            state["active"] -= sum(t.ident is None for t in pool)  # never started
+            if state["active"] <= 0:
+                finished.set()
+        finished.wait()
         raise
     finally:
         torch.set_num_threads(threads)
+    for t in pool:
+        t.join()
     if errors:
         raise min(errors, key=lambda item: item[0])[1]
     return parts

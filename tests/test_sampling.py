@@ -726,6 +726,48 @@ def test_a_pipeline_error_is_raised_after_all_threads_stop() -> None:
     assert threading.active_count() == alive_before
 
 
+def test_ctrl_c_stops_the_pipelines_after_their_passes_in_flight() -> None:
+    # SIGINT sent to the process from a pipeline thread (as a terminal's Ctrl-C may land on
+    # any thread): the main thread, waiting for the pipelines, must raise within a pass or two,
+    # not after the 200 passes of the call (blocks of 1000 split in 100 passes: one unit).
+    import os
+    import signal
+    import threading
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Stop
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.noise = NoiseLayer("gaussian", 0.5)
+            self.fc = nn.Linear(16, K)
+            self.passes = 0
+
+        def forward(self, h: Tensor) -> Tensor:
+            self.passes += 1
+            if self.passes == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            return self.fc(self.noise(h).flatten(1))
+
+    threads_before, alive_before = torch.get_num_threads(), threading.active_count()
+    model = Slow()
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        with pytest.raises(Stop):
+            sample(model, torch.rand(2, 1, 4, 4), 1000, num_classes=K, batch_size=10, workers=2)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert model.passes < 50
+    assert torch.get_num_threads() == threads_before
+    assert threading.active_count() == alive_before, [t.name for t in threading.enumerate()]
+
+
 def test_out_of_memory_in_pipelines_keeps_results_identical() -> None:
     torch.manual_seed(0)
     x = torch.rand(3, 1, 8, 8)
@@ -766,6 +808,21 @@ def test_number_of_pipelines() -> None:
     assert _num_workers(4, cpu, 2, 2) == 2  # never more than there are units of work
     assert _num_workers(None, cpu, 2, 1) == 1
     assert _num_workers(4, cuda, 8, 100) == 1  # accelerators: the calling thread
+
+
+def test_workers_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.sampling import WORKERS_ENV, _num_workers
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert _num_workers(None, cpu, 2, 41) == 1
+    assert _num_workers(2, cpu, 2, 41) == 2  # an explicit argument wins
+    for bad in ("0", "two", "1.5"):
+        monkeypatch.setenv(WORKERS_ENV, bad)
+        with pytest.raises(
+            ConfigError, match=f"{WORKERS_ENV} must be an integer >= 1, got '{bad}'"
+        ):
+            _num_workers(None, cpu, 2, 41)
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
