@@ -28,8 +28,9 @@ rows of both into the same forward passes; that changes no draw).
 **Memory and speed.** Rows of several examples/blocks are packed into one forward pass of up
 to ``batch_size`` rows; a block is split across forward passes only when it is larger than
 ``batch_size`` (its noise is then generated once and cached: ``block_size * sum(site sizes)``
-elements). The default ``batch_size`` is ``MEMORY_BUDGET_BYTES[device type] // bytes_per_row``
-(64 MiB on CPU, 1 GiB on an accelerator; capped at :data:`MAX_BATCH_SIZE`), where
+elements). The default ``batch_size`` is ``MEMORY_BUDGET_BYTES[device type] // (pipelines *
+bytes_per_row)`` (64 MiB on CPU, 1 GiB on an accelerator, shared by the CPU pipelines below;
+capped at :data:`MAX_BATCH_SIZE`), where
 ``bytes_per_row`` counts, per noisy row, the input, each noise site's noise twice (the buffer
 and the scaled copy made by the noise layer) and the output of every leaf module, measured in
 a one-row dry run that is remembered per model and input signature (an over-estimate:
@@ -49,8 +50,9 @@ forward pass (on 2 cores: 1.1-1.3x the draws/s of one pipeline, benchmarks/RESUL
 pipeline takes whole units of work (a pass, or the passes of a block split across passes,
 whose cached noise it generates once) and keeps its own buffers and counts, summed at the
 end; pipelines that run out of work hand their threads to the ones still running. No draw
-depends on which pipeline ran a pass, so counts do not depend on ``workers``. Each pipeline
-holds its own pass in memory (``workers`` times the pass budget).
+depends on which pipeline ran a pass, so counts do not depend on ``workers``. The pipelines
+share the memory budget: two passes of 167 rows of a 1x28x28 CNN ran 1.2x faster than two
+of 334 (whose 50 MB of activations fight for the cache), while 1x8x8 stays at 1000 rows.
 """
 
 from __future__ import annotations
@@ -105,14 +107,15 @@ RESCORE = 3
 
 DEFAULT_BLOCK_SIZE = 1000
 MEMORY_BUDGET_BYTES = {"cpu": 64 * 2**20, "default": 1024 * 2**20}
-"""Bytes of input + noise + activations one forward pass may use when ``batch_size`` is not
-given, by device type (``"default"``: any accelerator). On CPU the compute per row hardly
-depends on the pass size, but larger passes make glibc hand freed activations back to the OS
-and page-fault them in again on every pass: on one core the CNNs of
-``benchmarks/bench_certify.py`` spend up to 2/3 of their time in page faults at 2000+ rows;
-with this budget and the :data:`MAX_BATCH_SIZE` cap they run 1000 (1x8x8) and 334 (1x28x28)
-rows per pass, which measured fastest on an idle 2-core machine (334 rows: 3x the draws/s of
-84). On a GPU larger passes amortise kernel launches."""
+"""Bytes of input + noise + activations the forward passes in flight may use together when
+``batch_size`` is not given, by device type (``"default"``: any accelerator); CPU pipelines
+split it. On CPU the compute per row hardly depends on the pass size, but larger passes make
+glibc hand freed activations back to the OS and page-fault them in again on every pass (on
+one core the CNNs of ``benchmarks/bench_certify.py`` spent up to 2/3 of their time in page
+faults at 2000+ rows) and crowd the caches. With this budget, two pipelines and the
+:data:`MAX_BATCH_SIZE` cap they run 1000 (1x8x8) and 167 (1x28x28) rows per pass, which
+measured fastest on an idle 2-core machine (benchmarks/RESULTS.md). On a GPU larger passes
+amortise kernel launches."""
 MAX_BATCH_SIZE = {"cpu": 1000, "default": 16384}
 """Upper bound on the automatically chosen ``batch_size``, by device type. On CPU, passes of
 more than ~1000 rows bring no speed and cost page faults (measured: benchmarks/RESULTS.md)."""
@@ -246,9 +249,10 @@ def _row_bytes(model: nn.Module, x: Tensor, *, owner: nn.Module | None = None) -
     return remembered[key]
 
 
-def _default_batch_size(x: Tensor, per_row: int, block_rows: int) -> int:
-    """The budget's row count, rounded to fill forward passes with blocks (module doc)."""
-    budget = MEMORY_BUDGET_BYTES.get(x.device.type, MEMORY_BUDGET_BYTES["default"])
+def _default_batch_size(x: Tensor, per_row: int, block_rows: int, pipelines: int = 1) -> int:
+    """The row count of ``pipelines`` passes sharing the budget, rounded to fill forward
+    passes with blocks (module doc)."""
+    budget = MEMORY_BUDGET_BYTES.get(x.device.type, MEMORY_BUDGET_BYTES["default"]) // pipelines
     cap = MAX_BATCH_SIZE.get(x.device.type, MAX_BATCH_SIZE["default"])
     rows = max(1, min(cap, budget // max(1, per_row)))
     if rows >= block_rows:
@@ -257,19 +261,28 @@ def _default_batch_size(x: Tensor, per_row: int, block_rows: int) -> int:
 
 
 def default_batch_size(
-    model: nn.Module, x: Tensor, *, n: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE
+    model: nn.Module,
+    x: Tensor,
+    *,
+    n: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    workers: int | None = None,
 ) -> int:
     """The ``batch_size`` :func:`sample` uses for randomized ``model`` on inputs like ``x``.
 
     ``x``: ``(N, C, H, W)`` (only ``x[:1]`` is evaluated, in one dry run); ``n`` draws per
-    example (``None``: at least one block). See the module docstring for the memory model.
+    example (``None``: at least one block); ``workers`` as for :func:`sample` (the pipelines
+    share the memory budget). See the module docstring for the memory model.
     """
     _check_input(x)
     block_size = _check_int("block_size", block_size, 1)
     block_rows = block_size if n is None else min(block_size, _check_int("n", n, 1))
+    if workers is not None:
+        workers = _check_int("workers", workers, 1)
+    pipelines = _pipelines(workers, x.device, torch.get_num_threads())
     with torch.inference_mode(), _prediction_mode(model):
         per_row = _row_bytes(model, x)
-    return _default_batch_size(x, per_row, block_rows)
+    return _default_batch_size(x, per_row, block_rows, pipelines)
 
 
 _FUSED_SCALE_DTYPES = (torch.float32, torch.float64)
@@ -536,14 +549,15 @@ def _sample_streams(
         return results
 
     with torch.inference_mode(), _prediction_mode(model):
+        threads = torch.get_num_threads()
+        wanted = _pipelines(workers, device, threads)
         if batch_size is None:
             block_rows = min(block_size, max(n for _, n in requests))
             per_row = _row_bytes(model, x, owner=row_bytes_owner)
-            batch_size = _default_batch_size(x, per_row, block_rows)
+            batch_size = _default_batch_size(x, per_row, block_rows, wanted)
         streams = [stream for stream, _ in requests]
         units = list(_units(_plan(num_examples, requests, block_size, batch_size)))
-        threads = torch.get_num_threads()
-        pool = _num_workers(workers, device, threads, len(units))
+        pool = min(wanted, len(units))
 
         def pipeline() -> _Pipeline:
             return _Pipeline(_Runner(model, x, ids, seed, streams, batch_size, num_classes))
@@ -635,10 +649,10 @@ WORKERS_ENV = "CERTBENCH_SAMPLER_WORKERS"
 model whose forward is not safe to call from two threads at once)."""
 
 
-def _num_workers(workers: int | None, device: torch.device, threads: int, num_units: int) -> int:
-    """How many pipelines run the units: 1 off the CPU, else ``workers`` or (by default)
-    :data:`WORKERS_ENV` or one per intra-op thread of the caller, at most
-    :data:`MAX_CPU_WORKERS`; never more than there are units."""
+def _pipelines(workers: int | None, device: torch.device, threads: int) -> int:
+    """How many pipelines a call asks for: 1 off the CPU, else ``workers`` or (by default)
+    :data:`WORKERS_ENV` or one per intra-op thread of the caller (``threads``), at most
+    :data:`MAX_CPU_WORKERS`. The passes actually run on ``min(that, units of work)``."""
     if workers is None and os.environ.get(WORKERS_ENV, "").strip():
         value = os.environ[WORKERS_ENV].strip()
         try:
@@ -647,10 +661,9 @@ def _num_workers(workers: int | None, device: torch.device, threads: int, num_un
             workers = 0
         if workers < 1:
             raise ConfigError(f"{WORKERS_ENV} must be an integer >= 1, got {value!r}")
-    if device.type != "cpu" or num_units < 2:
+    if device.type != "cpu":
         return 1
-    wanted = min(threads, MAX_CPU_WORKERS) if workers is None else workers
-    return max(1, min(wanted, num_units))
+    return max(1, min(threads, MAX_CPU_WORKERS) if workers is None else workers)
 
 
 class _Pipeline:

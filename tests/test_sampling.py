@@ -798,31 +798,54 @@ def test_units_keep_the_passes_of_a_split_block_together() -> None:
 
 
 def test_number_of_pipelines() -> None:
-    from bench.sampling import MAX_CPU_WORKERS, _num_workers
+    from bench.sampling import MAX_CPU_WORKERS, _pipelines
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _num_workers(None, cpu, 2, 41) == 2  # default: one per intra-op thread
-    assert _num_workers(None, cpu, 1, 41) == 1
-    assert _num_workers(None, cpu, 64, 1000) == MAX_CPU_WORKERS
-    assert _num_workers(3, cpu, 2, 41) == 3  # asked for: as many, sharing the threads
-    assert _num_workers(4, cpu, 2, 2) == 2  # never more than there are units of work
-    assert _num_workers(None, cpu, 2, 1) == 1
-    assert _num_workers(4, cuda, 8, 100) == 1  # accelerators: the calling thread
+    assert _pipelines(None, cpu, 2) == 2  # default: one per intra-op thread
+    assert _pipelines(None, cpu, 1) == 1
+    assert _pipelines(None, cpu, 64) == MAX_CPU_WORKERS
+    assert _pipelines(3, cpu, 2) == 3  # asked for: as many, sharing the threads
+    assert _pipelines(4, cuda, 8) == 1  # accelerators: the calling thread
+    # and never more pipelines than units of work (one unit: the calling thread)
+    rec = _SlowRecorder()
+    model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
+    sample(model, torch.zeros(1, 1, 4, 4), 30, num_classes=K, batch_size=40, workers=4)
+    assert len({name for name, _ in rec.calls}) == 1
+
+
+def test_pipelines_share_the_memory_budget() -> None:
+    # The default pass size divides the budget among the pipelines (then fills passes with
+    # whole blocks, or equal pieces of one): each pass of two pipelines holds half the rows.
+    from bench.sampling import MEMORY_BUDGET_BYTES, _row_bytes, default_batch_size
+
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Conv2d(1, 256, 3, padding=1), nn.Flatten(), nn.Linear(256 * 64, K))
+    model = nn.Sequential(NoiseLayer("gaussian", 0.5), wide)
+    x = _inputs(1)  # ~130 KB per row: a 1000-row block needs several passes
+    with torch.inference_mode():
+        per_row = _row_bytes(model, x)
+    one = default_batch_size(model, x, workers=1)
+    two = default_batch_size(model, x, workers=2)
+    budget_rows = MEMORY_BUDGET_BYTES["cpu"] // per_row
+    assert 1 < budget_rows < 1000
+    assert one == -(-1000 // -(-1000 // budget_rows))
+    assert two == -(-1000 // -(-1000 // (MEMORY_BUDGET_BYTES["cpu"] // 2 // per_row)))
+    assert two < one and two * per_row <= MEMORY_BUDGET_BYTES["cpu"] // 2 * 1.01
 
 
 def test_workers_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.sampling import WORKERS_ENV, _num_workers
+    from bench.sampling import WORKERS_ENV, _pipelines
 
     cpu = torch.device("cpu")
     monkeypatch.setenv(WORKERS_ENV, "1")
-    assert _num_workers(None, cpu, 2, 41) == 1
-    assert _num_workers(2, cpu, 2, 41) == 2  # an explicit argument wins
+    assert _pipelines(None, cpu, 2) == 1
+    assert _pipelines(2, cpu, 2) == 2  # an explicit argument wins
     for bad in ("0", "two", "1.5"):
         monkeypatch.setenv(WORKERS_ENV, bad)
         with pytest.raises(
             ConfigError, match=f"{WORKERS_ENV} must be an integer >= 1, got '{bad}'"
         ):
-            _num_workers(None, cpu, 2, 41)
+            _pipelines(None, cpu, 2)
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
