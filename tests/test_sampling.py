@@ -603,19 +603,27 @@ def test_argmax_rows_is_argmax_with_ties_and_nan(rows: int) -> None:
 
 # --------------------------------------------------------------------------- CPU pipelines
 class _SlowRecorder(_Recorder):
-    """A :class:`_Recorder` that also notes, per pass, the thread and its intra-op threads,
-    and sleeps 5 ms (releasing the interpreter lock) so that every pipeline gets passes."""
+    """A :class:`_Recorder` that also notes, per pass, the thread and its intra-op threads.
 
-    def __init__(self) -> None:
+    With ``meet=m`` a pass does not return before passes of ``m`` different threads have
+    started (10 s at most), so a test sees ``m`` pipelines at work whatever the scheduling.
+    """
+
+    def __init__(self, meet: int = 1) -> None:
+        import threading
+
         super().__init__()
+        self.meet = meet
         self.calls: list[tuple[str, int]] = []
+        self.arrived = threading.Condition()
 
     def forward(self, h: Tensor) -> Tensor:
         import threading
-        import time
 
-        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
-        time.sleep(0.005)
+        with self.arrived:
+            self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+            self.arrived.notify_all()
+            self.arrived.wait_for(lambda: len({n for n, _ in self.calls}) >= self.meet, 10)
         return super().forward(h)
 
 
@@ -631,7 +639,7 @@ def test_pipelines_draw_exactly_the_contract_rows(workers: int, batch_size: int)
     # the passes is free); batch 7 splits blocks of 10 across passes, 40 packs them.
     import threading
 
-    rec = _SlowRecorder()
+    rec = _SlowRecorder(meet=2)
     model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
     ids = [5, 0, 9]
     threads_before, alive_before = torch.get_num_threads(), threading.active_count()
