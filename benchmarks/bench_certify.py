@@ -125,18 +125,23 @@ def _certbench_1p(base: nn.Module, x: Tensor, batch: int) -> None:
     )
 
 
-def _raw_threads(base: nn.Module, x: Tensor, batch: int) -> None:
+def _raw_passes(base: nn.Module, x: Tensor, batch: int, starts: range | list[int]) -> None:
+    """The raw loop's passes beginning at the given rows (of ``x.shape[0] * (N0 + N)``)."""
     rows = x.shape[0] * (N0 + N)
-    starts = list(range(0, rows, batch))
+    x_rep = x[:1].repeat(batch, 1, 1, 1)
+    with torch.inference_mode():
+        for start in starts:
+            xb = x_rep[: min(batch, rows - start)]
+            base(xb + SIGMA * torch.randn_like(xb))
+
+
+def _raw_threads(base: nn.Module, x: Tensor, batch: int) -> None:
+    starts = list(range(0, x.shape[0] * (N0 + N), batch))
     threads = torch.get_num_threads()
 
     def loop(mine: list[int]) -> None:
         torch.set_num_threads(1)
-        x_rep = x[:1].repeat(batch, 1, 1, 1)
-        with torch.inference_mode():
-            for start in mine:
-                xb = x_rep[: min(batch, rows - start)]
-                base(xb + SIGMA * torch.randn_like(xb))
+        _raw_passes(base, x, batch, mine)
 
     pool = [threading.Thread(target=loop, args=(starts[w::threads],)) for w in range(threads)]
     for t in pool:
@@ -147,12 +152,7 @@ def _raw_threads(base: nn.Module, x: Tensor, batch: int) -> None:
 
 
 def _raw(base: nn.Module, x: Tensor, batch: int) -> None:
-    rows = x.shape[0] * (N0 + N)
-    x_rep = x[:1].repeat(batch, 1, 1, 1)
-    with torch.inference_mode():
-        for start in range(0, rows, batch):
-            xb = x_rep[: min(batch, rows - start)]
-            base(xb + SIGMA * torch.randn_like(xb))
+    _raw_passes(base, x, batch, range(0, x.shape[0] * (N0 + N), batch))
 
 
 def _raw_count(base: nn.Module, x: Tensor, batch: int) -> None:
