@@ -9,20 +9,19 @@
   certify, on fresh draws.
 * :class:`ExpectationOverNoise` — the averaging wrapper the adapters differentiate through.
 
-Importing this package registers the adapters; the third-party libraries themselves are
-imported only when one of their attacks runs.
+Adapters are found through the ``certbench.attacks`` entry-point group (one module per
+library, :mod:`bench.registry`); the third-party libraries themselves are imported only when
+one of their attacks runs.
 """
 
 from __future__ import annotations
 
-from attacks import art as _art  # noqa: F401  (registers art:*)
-from attacks import autoattack as _autoattack  # noqa: F401  (registers autoattack:*)
-from attacks import torchattacks as _torchattacks  # noqa: F401  (registers torchattacks:*)
 from attacks.base import (
     DEFAULT_DRAWS,
     RESCORE_SEED_OFFSET,
     AttackEntry,
     attack,
+    attack_libraries,
     describe_attack,
     get_attack,
     list_attacks,
@@ -39,6 +38,7 @@ __all__ = [
     "AttackEntry",
     "ExpectationOverNoise",
     "attack",
+    "attack_libraries",
     "describe_attack",
     "eot_pgd",
     "get_attack",

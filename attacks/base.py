@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from bench.errors import ConfigError, DataError
 from bench.noise import is_randomized
+from bench.registry import ATTACKS
 from defenses.base import NORMS, Defense
 
 #: Added to the caller's seed when re-scoring attacked inputs, so the Monte Carlo draws that
@@ -85,9 +86,6 @@ class AttackEntry:
         return f"{self.library}:{self.name}"
 
 
-_ATTACKS: dict[tuple[str, str], AttackEntry] = {}
-
-
 def register_attack(
     library: str,
     name: str,
@@ -97,17 +95,15 @@ def register_attack(
     resolve: Resolver | None = None,
     summary: str = "",
 ) -> Callable[[AttackFn], AttackFn]:
-    """Decorator registering ``fn(defense, x, y, *, norm, eps, seed, **params)``.
+    """Decorator registering ``fn(defense, x, y, *, norm, eps, seed, **params)`` as
+    ``library:name`` in the attack registry (:data:`bench.registry.ATTACKS`).
 
-    Registering the same ``(library, name)`` twice from different functions raises.
+    The adapter's module is listed under the ``certbench.attacks`` entry-point group.
+    Registering the same ``library:name`` from two different functions raises.
     """
 
     def decorator(fn: AttackFn) -> AttackFn:
-        key = (library, name)
-        prev = _ATTACKS.get(key)
-        if prev is not None and prev.fn.__qualname__ != fn.__qualname__:
-            raise ConfigError(f"attack {library}:{name} is registered twice")
-        _ATTACKS[key] = AttackEntry(
+        entry = AttackEntry(
             library=library,
             name=name,
             fn=fn,
@@ -116,6 +112,7 @@ def register_attack(
             resolve=resolve,
             summary=summary,
         )
+        ATTACKS.add(entry, entry.key, source=f"{fn.__module__}:{fn.__qualname__}")
         return fn
 
     return decorator
@@ -123,18 +120,23 @@ def register_attack(
 
 def list_attacks(library: str | None = None) -> list[str]:
     """Sorted ``"library:name"`` keys, optionally of one library."""
-    return sorted(e.key for e in _ATTACKS.values() if library is None or e.library == library)
+    return [k for k in ATTACKS.names() if library is None or k.split(":")[0] == library]
+
+
+def attack_libraries() -> list[str]:
+    """The libraries that have at least one registered attack adapter."""
+    return sorted({k.split(":")[0] for k in ATTACKS.names()})
 
 
 def get_attack(library: str, name: str) -> AttackEntry:
     """The registered attack; raises :class:`ConfigError` listing the known ones."""
-    try:
-        return _ATTACKS[(library, name)]
-    except KeyError:
+    key = f"{library}:{name}"
+    if key not in ATTACKS:
         raise ConfigError(
             f"unknown attack {name!r} of library {library!r}; known attacks "
             f"(library:name): {', '.join(list_attacks())}"
-        ) from None
+        )
+    return ATTACKS.get(key)
 
 
 def describe_attack(

@@ -25,3 +25,8 @@ class CheckpointError(CertbenchError):
 
 class NumericalError(CertbenchError):
     """Training or evaluation produced NaN/inf; the cell is stopped instead of publishing it."""
+
+
+class ValidationError(ConfigError, ValueError):
+    """A value failed a check of :mod:`bench.validation` (a ``ValueError`` too, so a defense's
+    ``__init__`` may raise it where callers expect ``ValueError``)."""

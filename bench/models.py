@@ -6,54 +6,38 @@ whose first parameterised layer is a ``Conv2d`` or ``Linear`` (possibly after a 
 ``Flatten``): PixelDP places its noise layer right after that layer and bounds its operator
 norm, so the model must not normalise its input with data-dependent statistics before it.
 
-Registering a model is one decorated factory function::
+Registering a model is one decorated factory function in a module listed under the
+``certbench.models`` entry-point group (:mod:`bench.registry`)::
 
-    @register_model("my-net")
+    @register_model                    # or @register_model("my-net")
     def my_net(input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module: ...
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from bench.errors import ConfigError, RegistryError
+from bench.errors import ConfigError
+from bench.registry import MODELS, register_model
+
+__all__ = ["create_model", "first_layer_index", "list_models", "register_model"]
 
 ModelFactory = Callable[..., nn.Module]
-_MODELS: dict[str, ModelFactory] = {}
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Register a factory ``f(input_shape, num_classes, **kwargs) -> nn.Module`` under ``name``."""
-
-    def decorator(fn: ModelFactory) -> ModelFactory:
-        if name in _MODELS and _MODELS[name] is not fn:
-            raise RegistryError(f"model name {name!r} is registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return decorator
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted model names, optionally filtered by a glob ``pattern``."""
-    names = sorted(_MODELS)
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
+    return MODELS.names(pattern)
 
 
 def create_model(
     name: str, /, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
 ) -> nn.Module:
     """Build model ``name`` for inputs ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
-    try:
-        factory = _MODELS[name]
-    except KeyError:
-        raise RegistryError(
-            f"unknown model {name!r}; known models: {', '.join(list_models())}"
-        ) from None
+    factory: ModelFactory = MODELS.get(name)
     if len(input_shape) != 3:
         raise ConfigError(f"model {name!r}: input_shape must be (C, H, W), got {input_shape}")
     try:

@@ -1,13 +1,5 @@
 """Built-in defenses, one module per defense; each registers itself with ``@register_defense``.
 
 They are found through the ``certbench.defenses`` entry-point group like any third-party
-plugin (see :mod:`bench.registry`).
+plugin (see :mod:`bench.registry`); certbench's ``pyproject.toml`` lists them.
 """
-
-BUILTIN_MODULES = (
-    "defenses.undefended",
-    "defenses.pixeldp",
-    "defenses.smoothing",
-    "defenses.madry",
-    "defenses.wong_kolter",
-)
