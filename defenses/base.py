@@ -26,6 +26,7 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.threat import NORMS
+
 ABSTAIN = -1
-NORMS = ("l1", "l2", "linf")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,25 @@ class Certificate:
         if norm in self.radii:
             return self.radii[norm]
         return torch.zeros(self.labels.shape, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class DefenseRecord:
+    """What a defense declares for the board row of its results (never guessed by the
+    harness from parameter names).
+
+    Attributes:
+        n_draws: noise draws behind each prediction / certificate of a randomized defense
+            (Cohen's ``n``, PixelDP's draws); ``None`` for deterministic defenses.
+        alpha: failure probability of each Monte Carlo certificate or level of its test
+            (Cohen's ``alpha``, PixelDP's ``eta``); ``None`` when nothing is estimated.
+        bound: name of the bound behind the certified radii (``"cohen-gaussian"``,
+            ``"pixeldp-argmax"``, ``"wong-kolter-dual"``); ``None`` when nothing is certified.
+    """
+
+    n_draws: int | None = None
+    alpha: float | None = None
+    bound: str | None = None
 
 
 class Defense:
@@ -134,6 +155,13 @@ class Defense:
     def get_params(self) -> dict[str, Any]:
         """The hyper-parameters, exactly as passed to ``__init__``."""
         return {n: getattr(self, n) for n in self.param_names()}
+
+    def record(self) -> DefenseRecord:
+        """What the board row needs from this defense (draws, confidence, bound name).
+
+        Override in a randomized or certifying defense; the default declares nothing.
+        """
+        return DefenseRecord()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -201,8 +229,17 @@ class Defense:
         seed: int = 0,
         indices: Tensor | None = None,
         batch_size: int | None = None,
+        radii: Sequence[float] | None = None,
     ) -> Certificate:
-        """Certified predictions for ``norm``. Non-certifying defenses return radius 0."""
+        """Certified predictions for ``norm``. Non-certifying defenses return radius 0.
+
+        ``radii`` (sorted, input units of ``norm``) are the radii the caller will score, e.g.
+        a board's grid. A defense whose certificate is a yes/no test per radius (a dual
+        bound at a fixed ε, a sequential Monte Carlo test) may use them and return, per
+        example, the largest radius of ``radii`` it certifies (0 if none); otherwise it
+        ignores them and returns its own radius. Either way ``radius >= r`` must imply a
+        certificate at ``r``.
+        """
         labels = self.predict(x, seed=seed, indices=indices, batch_size=batch_size)
         zeros = torch.zeros(labels.shape, dtype=torch.float64)
         return Certificate(labels=labels, radii={norm: zeros}, bound="none")
