@@ -21,11 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from bench.allocator import tune_malloc
 from bench.errors import CertbenchError, ConfigError
 from bench.interrupts import deferred, forget_handled_interrupt
+from bench.metrics import metric_key
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -55,11 +59,13 @@ def _params(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _print_table(rows: list[dict[str, Any]], *, file=None) -> None:
+    """Rows as aligned columns; the columns are the union of every row's keys, in order of
+    first appearance (rows of different boards have different metric columns)."""
     file = file if file is not None else sys.stdout
     if not rows:
         print("(no rows)", file=file)
         return
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), file=file)
@@ -97,29 +103,29 @@ def _dataset(args: argparse.Namespace):
 
 
 def _positive_int(text: str) -> int:
+    from bench.validation import check_int
+
     try:
-        v = int(text)
+        return check_int(int(text), "value", minimum=1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
 
 
 def _nonneg_float(text: str) -> float:
+    from bench.validation import check_number
+
     try:
-        v = float(text)
+        return check_number(float(text), "value", low=0.0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
 
 
 def _load_for_eval(args: argparse.Namespace, ds):
     """A set-up defense from --checkpoint (certbench or plain .pth) or, without one, an error."""
-    from bench.runner import load_defense, resolve_device
+    from bench.assembly import load_defense
+    from bench.environment import configure_threads, resolve_device
 
+    configure_threads()
     device = resolve_device(args.device)
     if not args.checkpoint:
         raise ConfigError("--checkpoint is required")
@@ -143,14 +149,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     store_path = args.store or spec.store or DEFAULT_STORE
+    options = {"address": args.address} if args.executor == "ray" else {}
     summary = run_spec(
         spec,
         store_path,
         executor=args.executor,
         device=args.device,
-        address=args.address,
         force=args.force,
         progress=not args.quiet,
+        **options,
     )
     _print_table(summary["rows"])
     print(
@@ -163,20 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bench.runner import (
-        TrainSettings,
-        accuracy_of,
-        build_defense,
-        configure_threads,
-        predict_all,
-        resolve_device,
-        save_defense,
-        seed_everything,
-    )
+    from bench.assembly import build_defense
+    from bench.environment import configure_threads, resolve_device, seed_everything
+    from bench.metrics import accuracy
+    from bench.pipeline import fit, predict_all
+    from bench.training import TrainSettings
 
     configure_threads()
     ds = _dataset(args)
-    device = resolve_device(args.device)
     seed_everything(args.seed)
     d = build_defense(
         args.defense,
@@ -184,21 +185,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.model,
         input_shape=ds.input_shape,
         num_classes=ds.num_classes,
-        device=device,
+        device=resolve_device(args.device),
     )
-    settings = TrainSettings.for_defense(
+    overrides = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+    }
+    settings = TrainSettings.for_defense(d, overrides)
+    report = fit(
         d,
-        {
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "optimizer": args.optimizer,
-        },
+        ds.x_train,
+        ds.y_train,
+        settings,
+        seed=args.seed,
+        checkpoint=args.out,
+        model=args.model,
+        dataset=args.dataset,
+        progress=not args.quiet,
     )
-    from bench.runner import train
-
-    report = train(d, ds.x_train, ds.y_train, settings, seed=args.seed, progress=not args.quiet)
-    out = save_defense(args.out, d, model=args.model, dataset=args.dataset, train=vars(settings))
     pred = predict_all(d, ds.x_test, seed=args.seed)
     row = {
         "defense": d.name,
@@ -206,9 +212,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "dataset": args.dataset,
         "epochs": settings.epochs,
         "final_loss": report.final_loss,
-        "test_accuracy": accuracy_of(pred, ds.y_test),
+        "test_accuracy": accuracy(pred, ds.y_test),
         "train_seconds": report.seconds,
-        "checkpoint": str(out),
+        "checkpoint": str(args.out),
     }
     _print_table([row])
     _write_output(args.output, row)
@@ -216,9 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bench.runner import accuracy_of, configure_threads, predict_all
+    from bench.metrics import accuracy
+    from bench.pipeline import predict_all
 
-    configure_threads()
     ds = _dataset(args)
     d, record = _load_for_eval(args, ds)
     t0 = time.perf_counter()
@@ -230,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": record.get("model", args.model),
         "defense": d.name,
         "n_test": int(ds.y_test.numel()),
-        "accuracy": accuracy_of(pred, ds.y_test),
+        "accuracy": accuracy(pred, ds.y_test),
         "eval_seconds": time.perf_counter() - t0,
     }
     _print_table([row])
@@ -239,32 +245,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from bench.runner import accuracy_of, certify_all, configure_threads
+    from bench.metrics import MetricSet
+    from bench.pipeline import certify_all
 
-    configure_threads()
     ds = _dataset(args)
-    if args.eps is not None and args.defense == "wong-kolter":
-        args.param = [*(args.param or []), f"certify_eps={args.eps}", f'norm="{args.norm}"']
     d, record = _load_for_eval(args, ds)
     if args.norm not in d.certifies:
         raise ConfigError(
             f"defense {d.name!r} certifies {list(d.certifies) or 'nothing'}, not --norm {args.norm}"
         )
+    eps = args.eps if args.eps is not None else 0.0
     t0 = time.perf_counter()
     cert = certify_all(
         d,
         ds.x_test,
         norm=args.norm,
         seed=args.seed,
+        radii=[eps],
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - t0
     y = ds.y_test
-    radius = cert.radius(args.norm)
-    correct = cert.labels == y
-    eps = args.eps if args.eps is not None else 0.0
-    certified = correct & (radius >= eps) & (radius > 0)
+    ms = MetricSet(radii=[eps], certifies=True)
+    ms.update(y=y, pred=cert.labels, radius=cert.radius(args.norm))
+    m = ms.compute()
+    acc, certified = m["accuracy"], m[metric_key("guaranteed_accuracy", eps)]
     row = {
         "dataset": args.dataset,
         "model": record.get("model", args.model),
@@ -272,12 +278,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         "norm": args.norm,
         "eps": eps,
         "n_test": int(y.numel()),
-        "accuracy": accuracy_of(cert.labels, y),
-        "certified_accuracy": float(certified.double().mean()),
-        "clean_error": 1 - accuracy_of(cert.labels, y),
-        "certified_error": 1 - float(certified.double().mean()),
-        "n_correct": int(correct.sum()),
-        "n_certified": int(certified.sum()),
+        "accuracy": acc,
+        "certified_accuracy": certified,
+        "clean_error": None if acc is None else 1 - acc,
+        "certified_error": None if certified is None else 1 - certified,
+        "n_correct": ms.correct,
+        "n_certified": ms.certified_correct_at_r[0],
         "bound": cert.bound,
         "seconds": seconds,
     }
@@ -287,38 +293,28 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from attacks import attack, rescore
-    from bench.runner import accuracy_of, configure_threads
+    from bench.metrics import MetricSet
+    from bench.pipeline import attack_all
 
-    configure_threads()
     ds = _dataset(args)
     d, _ = _load_for_eval(args, ds)
-    x, y = ds.x_test.to(d.device), ds.y_test.to(d.device)
+    attack = {"library": args.library, "name": args.attack, "params": _params(args.attack_param)}
     rows = []
     for eps in args.eps:
         t0 = time.perf_counter()
-        x_adv = attack(
-            d,
-            x,
-            y,
-            norm=args.norm,
-            eps=eps,
-            library=args.library,
-            name=args.attack,
-            seed=args.seed,
-            **_params(args.attack_param),
+        pred_adv, _ = attack_all(
+            d, ds.x_test, ds.y_test, norm=args.norm, eps=eps, attack=attack, seed=args.seed
         )
-        pred_adv, _ = rescore(
-            d, x_adv, y, norm=args.norm, seed=args.seed, certify=False, batch_size=args.batch_size
-        )
+        ms = MetricSet(eps_list=[eps], certifies=False)
+        ms.update(y=ds.y_test, pred=pred_adv, pred_adv={eps: pred_adv})
         rows.append(
             {
                 "defense": d.name,
                 "norm": args.norm,
                 "eps": eps,
                 "attack": f"{args.library}:{args.attack}",
-                "n": int(y.numel()),
-                "accuracy_under_attack": accuracy_of(pred_adv, y),
+                "n": int(ds.y_test.numel()),
+                "accuracy_under_attack": ms.compute()[metric_key("accuracy_under_attack", eps)],
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -475,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train one model under one defense and save a checkpoint",
-        description="Train with the runner's loop and save safetensors + JSON.",
+        description="Train with the training loop and save safetensors + JSON.",
     )
     _common(p)
     _model_opts(p, checkpoint=False)

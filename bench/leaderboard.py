@@ -51,6 +51,7 @@ from typing import Any
 
 from bench.errors import ConfigError
 from bench.files import atomic_write_bytes
+from bench.metrics import metric_key
 from bench.store import Store, canonical_params
 
 METRIC_PREFIXES = (
@@ -92,11 +93,6 @@ RESULTS_COLUMNS = (
     "cell_id",
 )
 RESULTS_FILE = "results.csv"
-
-
-def metric_key(prefix: str, value: float) -> str:
-    """The metric/column name for ``prefix`` at radius/threshold/eps ``value``."""
-    return f"{prefix}@{value:g}"
 
 
 def parse_metric_key(key: str) -> tuple[str, float | None]:

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from bench.errors import ConfigError
 
@@ -44,7 +43,7 @@ __all__ = [
     "robust_precision_under_attack",
 ]
 
-Array = np.ndarray | torch.Tensor
+Array = Any  # a NumPy array or a torch.Tensor (torch is not imported here)
 
 
 def metric_key(prefix: str, *values: float) -> str:
@@ -60,7 +59,7 @@ def metric_key(prefix: str, *values: float) -> str:
 
 # --------------------------------------------------------------------------- helpers
 def _np(x: Array, name: str, dtype: type) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch.Tensor
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:

@@ -61,11 +61,11 @@ Every mistake raises :class:`bench.errors.ConfigError` naming the file and the f
 errors too, listing the allowed ones.
 
 Training settings: ``CellConfig.train`` holds only what the spec sets, ``[train]`` updated by
-the entry's ``[defenses.train]``. The runner fills the rest when it trains, in this order
-(later wins): its own defaults (:class:`bench.runner.TrainSettings`), the defense's
+the entry's ``[defenses.train]``. The training loop fills the rest when it trains, in this order
+(later wins): its own defaults (:class:`bench.training.TrainSettings`), the defense's
 :meth:`~defenses.base.Defense.train_defaults` (which may depend on the dataset's input
 shape, known only then), ``CellConfig.train``. So a setting the spec leaves out follows the
-defense's and the runner's code, and is not part of the cell's hash.
+defense's and the training loop's code, and is not part of the cell's hash.
 
 Cell identity (:meth:`CellConfig.cell_id`) hashes the resolved config *excluding*
 ``spec_name``, ``label``, ``device`` and ``eval.batch_size``: those name or execute an
@@ -99,7 +99,6 @@ from bench.errors import ConfigError
 NORMS = ("l1", "l2", "linf")
 DEVICES = "auto, cpu, cuda, cuda:N"
 OPTIMIZERS = ("adam", "sgd")
-ATTACK_LIBRARIES = ("certbench", "torchattacks", "art", "autoattack")
 DEFAULT_MODEL = "cnn"
 TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay")
 DEFAULT_EVAL: dict[str, Any] = {"batch_size": 1000, "alpha": 0.05}
@@ -145,7 +144,7 @@ class CellConfig:
 
     ``params`` are the defense's keyword hyper-parameters exactly as given; ``train`` holds
     the training settings the spec sets (a subset of epochs, batch_size, optimizer, lr,
-    momentum, weight_decay; the runner fills the rest, see the module docstring); ``eval``
+    momentum, weight_decay; the training loop fills the rest, see the module docstring); ``eval``
     holds ``batch_size`` and ``alpha``; ``threat`` holds the sorted ``radii``,
     ``thresholds`` and ``eps`` lists (input units of ``norm``, pixels in [0, 1]);
     ``attack`` is ``{"library", "name", "params", "limit"}`` or ``None``.
@@ -297,6 +296,7 @@ class Known:
     datasets: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
     defenses: Mapping[str, type] | None = None
+    attack_libraries: tuple[str, ...] | None = None
 
     @classmethod
     def discover(cls) -> Known:
@@ -305,12 +305,13 @@ class Known:
         until validation needs it)."""
         from bench.data import DATASETS
         from bench.models import list_models
-        from bench.registry import get_defense_class, list_defenses
+        from bench.registry import ATTACKS, get_defense_class, list_defenses
 
         return cls(
             datasets=tuple(DATASETS),
             models=tuple(list_models()),
             defenses={n: get_defense_class(n) for n in list_defenses()},
+            attack_libraries=tuple(sorted({k.split(":")[0] for k in ATTACKS.names()})),
         )
 
 
@@ -508,7 +509,7 @@ def _check_defense_params(
     hyper-parameters) so that invalid values fail when the spec is loaded."""
     try:
         cls(**params)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ConfigError) as exc:
         shown = json.dumps(params, sort_keys=True)
         raise chk.error(f"field '{path}' is invalid for defense '{name}' ({shown}): {exc}") from exc
 
@@ -709,7 +710,11 @@ def parse_spec(
     attack = None
     if "attack" in top:
         at = chk.table(top["attack"], "attack", _ATTACK_FIELDS)
-        library = chk.choice(at.get("library", "certbench"), "attack.library", ATTACK_LIBRARIES)
+        library = at.get("library", "certbench")
+        if known.attack_libraries is not None:
+            library = chk.choice(library, "attack.library", known.attack_libraries)
+        else:
+            library = chk.string(library, "attack.library")
         aname = chk.string(chk.required(at, "name", "attack.name"), "attack.name")
         aparams_raw = at.get("params", {})
         if not isinstance(aparams_raw, dict):

@@ -28,7 +28,8 @@ import torch
 from bench.checkpoint import load_tensors, save_checkpoint
 from bench.models import create_model
 from bench.noise import is_randomized
-from defenses.base import NORMS, Certificate, Defense, TrainProgress
+from bench.threat import NORMS
+from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 4
@@ -143,6 +144,32 @@ def check_certificates(cls: type[Defense], params: dict[str, Any] | None = None)
         )
         if norm not in cls.certifies:
             assert (r == 0).all(), "a non-certifying defense must report radius 0"
+        grid = [0.0, 0.01, 0.1]
+        g = d.certify(x, norm=norm, seed=5, radii=grid)
+        rg = g.radius(norm)
+        assert g.labels.shape == (N,) and rg.shape == (N,) and (rg >= 0).all(), (
+            "certify(..., radii=grid) must return the same shapes (radii: the caller's grid)"
+        )
+
+
+def check_record(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """record() declares what the board row needs: draws and confidence of a randomized
+    defense, the bound of a certifying one (never guessed from parameter names)."""
+    d = _make(cls, params)
+    rec = d.record()
+    assert isinstance(rec, DefenseRecord), "record() must return a defenses.base.DefenseRecord"
+    if rec.n_draws is not None:
+        assert isinstance(rec.n_draws, int) and rec.n_draws >= 1, f"n_draws {rec.n_draws!r}"
+    if rec.alpha is not None:
+        assert 0 < rec.alpha < 1, f"alpha must be in (0, 1), got {rec.alpha!r}"
+    if cls.randomized:
+        assert rec.n_draws is not None, "a randomized defense must declare n_draws in record()"
+    if cls.certifies:
+        assert rec.bound, "a certifying defense must name its bound in record()"
+        if cls.randomized:
+            assert rec.alpha is not None, (
+                "a Monte Carlo certificate must declare its alpha in record()"
+            )
 
 
 def check_save_load(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
@@ -166,6 +193,7 @@ CHECKS: tuple[Callable[..., None], ...] = (
     check_randomness,
     check_predict_deterministic,
     check_certificates,
+    check_record,
     check_save_load,
 )
 

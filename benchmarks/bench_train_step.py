@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.runner import TrainSettings, _optimizer, build_defense
+from bench.assembly import build_defense
+from bench.training import TrainSettings, _optimizer
 from defenses.base import TrainProgress
 
 VARIANTS = {

@@ -1,16 +1,17 @@
-"""The Defense contract: what the runner, the metrics and the attack adapters rely on.
+"""The Defense contract: what the pipeline, the metrics and the attack adapters rely on.
 
-A defense is a small class that supplies only what differs between defenses; the runner
-(:mod:`bench.runner`) owns every loop (epochs, batches, noise draws, progress, checkpoints).
+A defense is a small class that supplies only what differs between defenses; the pipeline
+(:mod:`bench.pipeline`, with the training loop of :mod:`bench.training`) owns every loop
+(epochs, batches, noise draws, progress, checkpoints).
 
-Lifecycle, as the runner drives it::
+Lifecycle, as the pipeline drives it::
 
     defense = create_defense("pixeldp", epsilon=1.0, ...)   # keyword-only hyper-parameters
     defense.setup(model, input_shape=(1, 28, 28), num_classes=10)  # builds defense.model_
-    for each step:                                           # runner's training loop
+    for each step:                                           # the training loop
         loss = defense.training_loss(x, y, progress)
         loss.backward(); optimizer.step(); defense.after_step(progress)
-    defense.predict(x)  /  defense.certify(x, norm="l2")     # runner's evaluation loop
+    defense.predict(x)  /  defense.certify(x, norm="l2")     # the evaluation stages
 
 Conventions shared by every method:
 
@@ -41,7 +42,7 @@ ABSTAIN = -1
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """Position of the runner's training loop: global ``step`` of ``total_steps``, ``epoch``.
+    """Position of the training loop: global ``step`` of ``total_steps``, ``epoch``.
 
     ``fraction`` is ``step / total_steps`` in [0, 1] (used by ramp-up schedules).
     """

@@ -262,3 +262,70 @@ def test_leaderboard_publish_rank_by(capsys, tmp_path):
     rc, _, err = _run(capsys, "leaderboard", "publish", "--store", str(store.path), "--out",
                       str(out), "--rank-by", "median")  # fmt: skip
     assert rc == 2 and "--rank-by" in err and "Traceback" not in err
+
+
+CONSISTENCY_SPEC = """
+name = "cli-consistency"
+seeds = [3]
+[data]
+dataset = "digits"
+model = "cnn"
+limit_test = 100
+[train]
+epochs = 2
+lr = 0.003
+[threat]
+norms = ["l2"]
+radii = [0.0, 0.25]
+eps = [0.5]
+[attack]
+name = "pgd"
+params = { steps = 3, draws = 2 }
+[[defenses]]
+name = "randomized-smoothing"
+params = { sigma = 0.25, n0 = 20, n = 200, alpha = 0.01 }
+"""
+
+
+@pytest.mark.slow
+def test_cli_certify_and_attack_reproduce_the_board_cell(capsys, tmp_path):
+    """One pipeline: `certbench certify`/`attack` on a cell's checkpoint with the cell's seed
+    give exactly the cell's guaranteed accuracy (radius >= r, the board's rule) and accuracy
+    under attack (same per-chunk attack seeds), for a randomized defense."""
+    from bench.store import Store
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(CONSISTENCY_SPEC)
+    store_path = tmp_path / "s.sqlite"
+    rc, _, err = _run(capsys, "run", str(spec), "--store", str(store_path), "--quiet")
+    assert rc == 0, err
+    store = Store(store_path)
+    (cell,) = store.cells()
+    ck = store.checkpoint_dir(cell["train_key"]) / "defense"
+    common = ["--checkpoint", str(ck), "--dataset", "digits", "--limit", "100", "--seed", "3"]
+    rc, _, err = _run(capsys, "certify", *common, "--norm", "l2", "--eps", "0.25", "--quiet",
+                      "--output", str(tmp_path / "c.json"))  # fmt: skip
+    assert rc == 0, err
+    certified = json.loads((tmp_path / "c.json").read_text())["certified_accuracy"]
+    assert certified == cell["metrics"]["guaranteed_accuracy@0.25"]
+    rc, _, err = _run(capsys, "attack", *common, "--norm", "l2", "--eps", "0.5",
+                      "--attack-param", "steps=3", "--attack-param", "draws=2", "--quiet",
+                      "--output", str(tmp_path / "a.json"))  # fmt: skip
+    assert rc == 0, err
+    (row,) = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert row["accuracy_under_attack"] == cell["metrics"]["accuracy_under_attack@0.5"]
+
+
+def test_run_table_shows_every_board_column(capsys):
+    """Rows of different boards have different metric columns; none is dropped (review (d))."""
+    from bench.cli import _print_table
+
+    _print_table(
+        [
+            {"defense": "a", "norm": "l2", "guaranteed_accuracy@1": 0.5},
+            {"defense": "b", "norm": "linf", "guaranteed_accuracy@0.1": 0.25},
+        ]
+    )
+    header, _, first, second = capsys.readouterr().out.splitlines()
+    assert "guaranteed_accuracy@1" in header and "guaranteed_accuracy@0.1" in header
+    assert "0.5000" in first and "0.2500" in second

@@ -99,14 +99,14 @@ N_CELLS = 3
 # Runs certbench with test hooks: prints "HOOK <event>#<k>" for the k-th occurrence of each
 # event and, at the event named by CERTBENCH_TEST_PAUSE, sleeps so that the test can kill it
 # exactly there. Events: write:<file> / written:<file> (checkpoint and --output writes),
-# replace:<file> (just before any atomic rename), train, certify_all (start of the runner's
+# replace:<file> (just before any atomic rename), train, certify_all (start of the pipeline's
 # loops), put / stored (around Store.put).
 HOOK_SCRIPT = """
 import os, sys, time
 import bench.checkpoint as ck
 import bench.files as files
-import bench.runner as runner
 import bench.store as store
+import bench.training as training
 
 PAUSE = os.environ.get("CERTBENCH_TEST_PAUSE", "")
 seen = {}
@@ -156,8 +156,10 @@ def wrap(owner, attr, before, after=None):
     setattr(owner, attr, wrapper)
 
 
-wrap(runner, "train", "train")
-wrap(runner, "certify_all", "certify_all")
+wrap(training, "train", "train")
+import bench.pipeline as pipeline  # after the wrap: it binds training.train at import
+
+wrap(pipeline, "certify_all", "certify_all")
 wrap(store.Store, "put", "put", "stored")
 from bench.cli import main
 

@@ -852,7 +852,7 @@ def test_fuzz_svhn(mats: dict[str, Any], target: str, compress: bool, corrupt) -
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """A valid certbench checkpoint (undefended mlp on digits) and a plain ``.pth``."""
-    from bench.runner import build_defense, save_defense
+    from bench.assembly import build_defense, save_defense
 
     root = tmp_path_factory.mktemp("template")
     torch.manual_seed(0)

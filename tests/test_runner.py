@@ -1,4 +1,4 @@
-"""The runner and executors: training, NaN handling, kill-and-resume, determinism, Ray."""
+"""The pipeline and executors: training, NaN handling, kill-and-resume, determinism, Ray."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.assembly import build_defense
+from bench.environment import seed_everything
 from bench.errors import NumericalError
+from bench.metrics import accuracy
+from bench.pipeline import predict_all
 from bench.registry import create_defense
-from bench.runner import (
-    TrainSettings,
-    accuracy_of,
-    build_defense,
-    predict_all,
-    seed_everything,
-    train,
-)
+from bench.training import TrainSettings, train
 from defenses.base import Defense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +67,7 @@ def test_undefended_digits_reaches_090():
     d = build_defense("undefended", {}, "mlp", input_shape=ds.input_shape, num_classes=10)
     report = train(d, ds.x_train, ds.y_train, TrainSettings(epochs=8, lr=3e-3), progress=False)
     assert report.steps == 8 * 22
-    assert accuracy_of(predict_all(d, ds.x_test), ds.y_test) >= 0.9
+    assert accuracy(predict_all(d, ds.x_test), ds.y_test) >= 0.9
 
 
 def test_training_is_seeded():
@@ -250,7 +247,7 @@ grid = { placement = ["image", "first-layer"], sensitivity_control = ["bound", "
 
 @pytest.mark.slow
 def test_every_pixeldp_configuration_runs_through_certbench_run(tmp_path):
-    """All placements × mechanisms × sensitivity options train and certify via the runner."""
+    """All placements × mechanisms × sensitivity options train and certify via the pipeline."""
     import tomllib
 
     from bench.executors import run_spec

@@ -38,6 +38,7 @@ KNOWN = Known(
     datasets=("digits", "mnist", "fashion-mnist"),
     models=("cnn", "mlp"),
     defenses={"undefended": FakeUndefended, "pixeldp": FakePixelDP},
+    attack_libraries=("art", "autoattack", "certbench", "torchattacks"),
 )
 
 GOOD = """
@@ -223,7 +224,7 @@ BAD = [
     (
         "attack library",
         variant('name = "pgd"', 'name = "pgd"\nlibrary = "foolbox"'),
-        ["field 'attack.library'", "certbench, torchattacks, art, autoattack", "'foolbox'"],
+        ["field 'attack.library'", "art, autoattack, certbench, torchattacks", "'foolbox'"],
     ),
     ("attack name", variant('name = "pgd"\n', ""), ["field 'attack.name' is required"]),
     ("attack limit", variant('name = "pgd"', 'name = "pgd"\nlimit = 0'), ["field 'attack.limit'"]),
@@ -554,3 +555,27 @@ def test_live_registry(tmp_path):
     assert [c.defense for c in cells] == ["undefended"]
     with pytest.raises(ConfigError, match=r"defenses\[0\]\.name.*known defenses: .*undefended"):
         load_spec(write(tmp_path, text.replace('"undefended"', '"no-such-defense"')))
+
+
+def test_a_defense_config_error_keeps_the_file_and_field(tmp_path):
+    """A defense's __init__ raising a plain ConfigError (not a ValueError) still gets the
+    file and field prefix (review finding (f))."""
+    from bench.errors import ConfigError as CE
+
+    class Picky(FakeUndefended):
+        def __init__(self, *, k: int = 1) -> None:
+            if k > 1:
+                raise CE(f"k must be 1, got {k}")
+            self.k = k
+
+        @classmethod
+        def param_names(cls) -> list[str]:
+            return ["k"]
+
+    known = Known(datasets=("digits",), models=("cnn",), defenses={"picky": Picky})
+    text = '[data]\ndataset = "digits"\n[[defenses]]\nname = "picky"\nparams = { k = 2 }\n'
+    with pytest.raises(ConfigError) as info:
+        load_spec(write(tmp_path, 'name = "x"\n' + text), known=known)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "spec.toml") + ": field 'defenses[0].params'")
+    assert "k must be 1, got 2" in message

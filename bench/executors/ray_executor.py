@@ -2,13 +2,14 @@
 
 ``certbench run SPEC --executor ray [--address auto]`` (extra ``certbench[ray]``). For each
 cell one task trains the defense (or finds its checkpoint) and saves it under the store's
-checkpoint directory; then ``shards`` tasks each certify and attack a contiguous slice of the
-test set and return per-example arrays. Only the driver merges, computes the metrics and
-writes the store.
+checkpoint directory; then ``shards`` tasks each run :func:`bench.pipeline.evaluate_shard` on
+a contiguous slice of the test set and return its per-example results. Only the driver
+merges them, scores the cell and writes the store, with the same pipeline functions as the
+local executor.
 
-Shard boundaries are multiples of :data:`bench.executors.ATTACK_CHUNK` and every noise draw
-is seeded by the global example index, so the per-example arrays, and hence the metrics, are
-identical to the local executor's for the same trained weights. Training itself is
+Shard boundaries are multiples of :data:`bench.pipeline.ATTACK_CHUNK` and every noise draw
+is seeded by the global example index, so the per-example results, and hence the metrics,
+are identical to the local executor's for the same trained weights. Training itself is
 deterministic for a fixed seed *and thread count*; each task pins torch to the CPUs Ray gives
 it (``num_cpus``, default 1), so run the local executor with ``CERTBENCH_NUM_THREADS`` equal
 to that number when comparing bit for bit.
@@ -29,19 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.allocator import tune_malloc
+from bench.environment import configure_threads, resolve_device
 from bench.errors import ConfigError
-from bench.executors import (
+from bench.pipeline import (
     ATTACK_CHUNK,
-    _alpha,
-    _attack_label,
-    _n_draws,
+    DefenseFacts,
+    ShardResult,
+    cell_result,
     dataset_for,
     evaluate_shard,
-    finalise,
     merge_shards,
     prepare_defense,
 )
-from bench.runner import configure_threads, provenance, resolve_device
 
 
 def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
@@ -57,39 +57,33 @@ def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _train_task(cell, ckroot: str, device: str | None, threads: int) -> dict[str, Any]:
+def _worker(cell, ckroot: str, device: str | None, threads: int):
     configure_threads(threads)
     tune_malloc()
-    dev = resolve_device(device or cell.device)
-    d, train_seconds = prepare_defense(cell, ckroot, device=dev, progress=False)
-    return {
-        "train_seconds": train_seconds,
-        "certifies": cell.norm in d.certifies,
-        "randomized": d.randomized,
-        "n_draws": _n_draws(d) if d.randomized else None,
-        "alpha": _alpha(d, cell),
-    }
+    return prepare_defense(
+        cell, ckroot, device=resolve_device(device or cell.device), progress=False
+    )
 
 
-def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int):
-    configure_threads(threads)
-    tune_malloc()
-    dev = resolve_device(device or cell.device)
-    d, _ = prepare_defense(cell, ckroot, device=dev, progress=False)
-    t0 = time.perf_counter()
-    out = evaluate_shard(d, cell, a, b)
-    out["seconds"] = time.perf_counter() - t0
-    return out
+def _train_task(cell, ckroot: str, device: str | None, threads: int) -> tuple[DefenseFacts, float]:
+    d, train_seconds = _worker(cell, ckroot, device, threads)
+    return DefenseFacts.of(d, cell.norm), float(train_seconds)
 
 
-def run_cells_ray(
+def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int) -> ShardResult:
+    d, _ = _worker(cell, ckroot, device, threads)
+    return evaluate_shard(d, cell, a, b)
+
+
+def run_cells(
     cells: list,
     checkpoint_root: str | Path,
     *,
     device: str | None = None,
+    progress: bool = True,
+    desc: str = "ray cells",
     address: str | None = None,
     shards: int | None = None,
-    progress: bool = True,
     num_cpus_per_task: int = 1,
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """Run ``cells`` as Ray tasks; yields ``(cell, result)`` in cell order as each completes."""
@@ -118,27 +112,26 @@ def run_cells_ray(
 
     # Train every cell first (independent tasks), then evaluate the shards of each.
     train_refs = [train_remote.remote(c, ckroot, dev, num_cpus_per_task) for c in cells]
-    bar = tqdm(total=len(cells), desc="ray cells", unit="cell", disable=not progress)
+    bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
     try:
         for cell, tref in zip(cells, train_refs, strict=True):
-            info = ray.get(tref)
+            facts, train_seconds = ray.get(tref)
             n_test = int(dataset_for(cell).y_test.numel())
-            bounds = _shard_bounds(n_test, shards)
             t0 = time.perf_counter()
             parts = ray.get(
-                [shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b) for a, b in bounds]
+                [
+                    shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b)
+                    for a, b in _shard_bounds(n_test, shards)
+                ]
             )
-            merged = merge_shards(parts)
-            result = {
-                "metrics": finalise(cell, info["certifies"], merged),
-                "n_test": n_test,
-                "n_draws": info["n_draws"],
-                "alpha": info["alpha"],
-                "attack": _attack_label(cell),
-                "train_seconds": float(info["train_seconds"]),
-                "eval_seconds": time.perf_counter() - t0,
-                "provenance": {**provenance(), "executor": "ray"},
-            }
+            result = cell_result(
+                cell,
+                facts,
+                merge_shards(parts),
+                train_seconds=train_seconds,
+                eval_seconds=time.perf_counter() - t0,
+                executor="ray",
+            )
             bar.update(1)
             yield cell, result
     finally:
