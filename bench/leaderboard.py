@@ -90,8 +90,13 @@ RESULTS_COLUMNS = (
     "seed",
     "metric",
     "value",
+    "n",
+    "ci_lower",
+    "ci_upper",
     "cell_id",
 )
+CI_LEVEL = 0.95
+"""Coverage of the two-sided Clopper–Pearson interval over test examples in results.csv."""
 RESULTS_FILE = "results.csv"
 
 
@@ -129,6 +134,9 @@ class BoardRow:
     seeds: list[int]
     metrics: dict[str, float | None]  # seed-averaged, keyed like the results
     values: dict[str, Any] = field(default_factory=dict)  # CSV column -> value
+    #: metric -> (lower, upper, n): the 95% Clopper–Pearson interval over the n test examples
+    #: the value rests on (counts pooled over seeds); only for counted fractions.
+    intervals: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
     def series(self, prefix: str) -> tuple[list[float], list[float]]:
         """``(xs, ys)`` of the defined ``prefix@x`` metrics, sorted by x (for plots)."""
@@ -168,6 +176,29 @@ def _mean(values: list[float | None]) -> float | None:
 def _join_text(values: list[Any]) -> str | None:
     uniq = sorted({str(v) for v in values if v is not None and v != ""})
     return ";".join(uniq) if uniq else None
+
+
+def clopper_pearson(k: Any, n: Any, level: float = CI_LEVEL) -> tuple[Any, Any]:
+    """Two-sided ``level`` Clopper–Pearson interval for ``k`` successes of ``n`` (arrays or
+    scalars): each side is a one-sided bound at ``(1 - level) / 2``; ``[0, ·]`` at ``k = 0``
+    and ``[·, 1]`` at ``k = n``. Covers the true proportion with probability ``>= level``.
+    """
+    from bench.stats import lower_confidence_bound, upper_confidence_bound
+
+    tail = (1.0 - level) / 2.0
+    return lower_confidence_bound(k, n, tail), upper_confidence_bound(k, n, tail)
+
+
+def _intervals(per_seed_counts: list[Mapping[str, tuple[int, int]]]) -> dict[str, Any]:
+    """metric -> (lower, upper, n) from counts pooled over seeds (metrics every seed counted)."""
+    names = set.intersection(*(set(c) for c in per_seed_counts)) if per_seed_counts else set()
+    out = {}
+    for name in sorted(names):
+        k = sum(c[name][0] for c in per_seed_counts)
+        n = sum(c[name][1] for c in per_seed_counts)
+        lo, hi = clopper_pearson(k, n)
+        out[name] = (float(lo), float(hi), int(n))
+    return out
 
 
 def _same_or_max(values: list[Any]) -> Any:
@@ -224,14 +255,17 @@ def _aggregate(group: list[Mapping[str, Any]]) -> BoardRow:
     for seed in sorted(by_seed):
         cells = sorted(by_seed[seed], key=lambda c: (c["stored_at"], c["cell_id"]))
         merged_metrics: dict[str, float | None] = {}
+        merged_counts: dict[str, tuple[int, int]] = {}
         for c in cells:
             merged_metrics.update(c["metrics"])
-        per_seed.append((seed, cells[-1], merged_metrics))
+            merged_counts = {k: v for k, v in merged_counts.items() if k not in c["metrics"]}
+            merged_counts.update(c.get("counts") or {})
+        per_seed.append((seed, cells[-1], merged_metrics, merged_counts))
 
-    seeds = [s for s, _, _ in per_seed]
-    newest = [c for _, c, _ in per_seed]
-    names = sorted({k for _, _, m in per_seed for k in m})
-    metrics = {k: _mean([m.get(k) for _, _, m in per_seed]) for k in names}
+    seeds = [s for s, _, _, _ in per_seed]
+    newest = [c for _, c, _, _ in per_seed]
+    names = sorted({k for _, _, m, _ in per_seed for k in m})
+    metrics = {k: _mean([m.get(k) for _, _, m, _ in per_seed]) for k in names}
     first = newest[0]
     labels = [c["label"] for c in newest if c.get("label")]
     values: dict[str, Any] = {
@@ -258,6 +292,7 @@ def _aggregate(group: list[Mapping[str, Any]]) -> BoardRow:
         seeds=seeds,
         metrics=metrics,
         values=values,
+        intervals=_intervals([counts for _, _, _, counts in per_seed]),
     )
 
 
@@ -334,6 +369,18 @@ def build_boards(
     return boards
 
 
+def _add_intervals(rows: list[dict[str, Any]]) -> None:
+    """``n``, ``ci_lower``, ``ci_upper`` of each long-format row (empty without counts)."""
+    counted = [r for r in rows if r.get("total") is not None]
+    for r in rows:
+        r["n"] = r.get("total")
+        r["ci_lower"] = r["ci_upper"] = None
+    if counted:
+        lo, hi = clopper_pearson([r["count"] for r in counted], [r["total"] for r in counted])
+        for r, a, b in zip(counted, lo.tolist(), hi.tolist(), strict=True):
+            r["ci_lower"], r["ci_upper"] = a, b
+
+
 def publish(
     store: Store,
     out_dir: str | Path,
@@ -374,6 +421,7 @@ def publish(
             r["cell_id"],
         ),
     )
+    _add_intervals(long_rows)
     data = _csv_bytes(RESULTS_COLUMNS, ([r[c] for c in RESULTS_COLUMNS] for r in long_rows))
     written.append(atomic_write_bytes(out / RESULTS_FILE, data))
     return written

@@ -370,6 +370,39 @@ class MetricSet:
                 out[metric_key("robust_precision_under_attack", e, thr)] = value
         return out
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """The counts behind every defined fraction of :meth:`compute`: metric name ->
+        ``(k, n)`` with value ``k / n`` (``n`` = the examples the value rests on).
+
+        Fractions defined by convention rather than by counting (robust precision of a
+        defense that certifies nothing, which equals its accuracy) are left out, as are
+        undefined ones (``n == 0``). Confidence intervals over test examples are computed
+        from these (:func:`bench.stats.clopper_pearson_interval`).
+        """
+        out: dict[str, tuple[int, int]] = {"accuracy": (self.correct, self.n)}
+        if self.certifies:
+            for j, r in enumerate(self.radii):
+                out[metric_key("guaranteed_accuracy", r)] = (
+                    self.certified_correct_at_r[j],
+                    self.n,
+                )
+            for j, thr in enumerate(self.thresholds):
+                out[metric_key("robust_precision", thr)] = (
+                    self.certified_correct_at_t[j],
+                    self.certified_at_t[j],
+                )
+                out[metric_key("coverage", thr)] = (self.certified_at_t[j], self.n)
+        for i, e in enumerate(self.eps_list):
+            out[metric_key("accuracy_under_attack", e)] = (self.adv_correct[i], self.adv_n[i])
+            complete = self.adv_n[i] > 0 and self.adv_with_radius[i] == self.adv_n[i]
+            if self.certifies and complete:
+                for j, thr in enumerate(self.thresholds):
+                    out[metric_key("robust_precision_under_attack", e, thr)] = (
+                        self.adv_certified_correct[i][j],
+                        self.adv_certified[i][j],
+                    )
+        return {k: v for k, v in out.items() if v[1] > 0}
+
     def __repr__(self) -> str:
         return (
             f"MetricSet(radii={list(self.radii)!r}, thresholds={list(self.thresholds)!r}, "

@@ -385,8 +385,9 @@ def score(
     radii: Sequence[float] = (),
     thresholds: Sequence[float] = (),
     certifies: bool,
-) -> dict[str, float | None]:
-    """The metrics of a cell from its per-example results (:class:`bench.metrics.MetricSet`).
+) -> tuple[dict[str, float | None], dict[str, tuple[int, int]]]:
+    """The metrics of a cell from its per-example results (:class:`bench.metrics.MetricSet`)
+    and the counts ``(k, n)`` behind each fraction.
 
     Clean metrics are over every example; attack metrics over the attacked prefix.
     """
@@ -397,7 +398,7 @@ def score(
         certifies=certifies,
     )
     ms.update(y=merged.y, pred=merged.pred, radius=merged.radius)
-    metrics = ms.compute()
+    metrics, counts = ms.compute(), ms.counts()
     if merged.adv:
         n_adv = min(p.numel() for p, _ in merged.adv.values())
         ms_adv = MetricSet(
@@ -410,10 +411,13 @@ def score(
             pred_adv={e: p[:n_adv] for e, (p, _) in merged.adv.items()},
             radius_adv={e: r[:n_adv] for e, (_, r) in merged.adv.items() if r is not None} or None,
         )
+        adv_counts = ms_adv.counts()
         for k, v in ms_adv.compute().items():
             if "under_attack" in k:
                 metrics[k] = v
-    return metrics
+                if k in adv_counts:
+                    counts[k] = adv_counts[k]
+    return metrics, counts
 
 
 def attack_label(attack: Mapping[str, Any] | None) -> str | None:
@@ -459,7 +463,7 @@ def cell_result(
     executor: str = "local",
 ) -> dict[str, Any]:
     """The record of a finished cell, as :meth:`bench.store.Store.put` takes it."""
-    metrics = score(
+    metrics, counts = score(
         merged,
         radii=cell.threat.get("radii", []),
         thresholds=cell.threat.get("thresholds", []),
@@ -470,6 +474,7 @@ def cell_result(
         prov["bound"] = facts.bound
     return {
         "metrics": metrics,
+        "counts": counts,
         "n_test": int(merged.y.numel()),
         "n_draws": facts.n_draws,
         "alpha": facts.alpha,

@@ -14,8 +14,11 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
   scalars (``n_test`` INTEGER, ``n_draws`` INTEGER, ``alpha`` REAL, ``attack`` TEXT,
   ``train_seconds`` REAL, ``eval_seconds`` REAL), provenance columns and the full
   provenance as JSON.
-* ``metrics`` — long table ``(cell_id, metric, value REAL NULL)``; ``NULL`` = not defined
-  (e.g. guaranteed accuracy of a defense that does not certify).
+* ``metrics`` — long table ``(cell_id, metric, value REAL NULL, count INTEGER NULL, total
+  INTEGER NULL)``; ``NULL`` value = not defined (e.g. guaranteed accuracy of a defense that
+  does not certify); ``value = count / total`` where the metric is a fraction of counted
+  test examples (``total`` = the examples it rests on), which is what confidence intervals
+  are computed from. Schema 1 stores (no counts) are upgraded in place.
 * ``spec_cells`` — which spec (and display label) a cell belongs to. A cell is identified
   without its spec name, so one stored cell may belong to several specs; :meth:`Store.put`
   and :meth:`Store.link` record membership.
@@ -40,7 +43,7 @@ from typing import Any
 from bench.errors import ConfigError, NumericalError
 from bench.spec import CellConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_STORE = "runs/certbench.sqlite"
 BUSY_TIMEOUT_S = 60.0
 PROVENANCE_FIELDS = ("certbench_version", "torch_version", "git_commit", "created_at")
@@ -82,6 +85,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     cell_id TEXT NOT NULL REFERENCES cells (cell_id) ON DELETE CASCADE,
     metric  TEXT NOT NULL,
     value   REAL,
+    count   INTEGER,
+    total   INTEGER,
     PRIMARY KEY (cell_id, metric)
 );
 CREATE TABLE IF NOT EXISTS spec_cells (
@@ -138,6 +143,28 @@ def _opt_float(result: Mapping[str, Any], key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"result field '{key}' must be a finite number, got {value!r}")
     return float(value)
+
+
+def _metric_counts(counts: Any, metrics: Mapping[str, float | None]) -> dict[str, tuple[int, int]]:
+    """``{metric: (count, total)}`` checked against the values they produce."""
+    if counts is None:
+        return {}
+    if not isinstance(counts, Mapping):
+        raise ConfigError(f"result field 'counts' must be a dict name -> (k, n), got {counts!r}")
+    out: dict[str, tuple[int, int]] = {}
+    for name, pair in counts.items():
+        try:
+            k, n = (int(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ConfigError(f"counts of metric {name!r} must be (k, n), got {pair!r}") from None
+        value = metrics.get(name)
+        if not (0 <= k <= n and n > 0) or value is None or not math.isclose(value, k / n):
+            raise ConfigError(
+                f"counts of metric {name!r} must be 0 <= k <= n with n > 0 and k / n equal to "
+                f"its value {value!r}, got ({k}, {n})"
+            )
+        out[name] = (k, n)
+    return out
 
 
 def _metric_values(metrics: Any) -> dict[str, float | None]:
@@ -230,9 +257,14 @@ class Store:
                     if version < SCHEMA_VERSION:
                         conn.execute("BEGIN IMMEDIATE")
                         try:
+                            # re-read under the write lock: another process may have upgraded
+                            version = conn.execute("PRAGMA user_version").fetchone()[0]
                             for statement in _SCHEMA.split(";"):
                                 if statement.strip():
                                     conn.execute(statement)
+                            if version == 1:  # schema 1 had no counts
+                                for column in ("count", "total"):
+                                    conn.execute(f"ALTER TABLE metrics ADD COLUMN {column} INTEGER")
                             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                         except BaseException:
                             conn.execute("ROLLBACK")
@@ -259,7 +291,8 @@ class Store:
         With ``replace=True`` (a forced re-run) an existing result is deleted and this one
         stored instead, in the same transaction; returns ``True``.
 
-        ``result`` = ``{"metrics": {name: float | None}, "n_test": int, "n_draws": int | None,
+        ``result`` = ``{"metrics": {name: float | None}, "counts": {name: (k, n)} (optional:
+        the counts behind fractions), "n_test": int, "n_draws": int | None,
         "alpha": float | None, "attack": str | None, "train_seconds": float,
         "eval_seconds": float, "provenance": {"certbench_version", "torch_version",
         "git_commit", "created_at", ...}}``. Metric values are fractions or radii as floats;
@@ -268,6 +301,7 @@ class Store:
         """
         cfg = _as_cell(cell)
         metrics = _metric_values(result.get("metrics"))
+        counts = _metric_counts(result.get("counts"), metrics)
         n_test = _opt_int(result, "n_test", required=True)
         n_draws = _opt_int(result, "n_draws")
         alpha = _opt_float(result, "alpha")
@@ -315,8 +349,11 @@ class Store:
                 conn.execute("DELETE FROM cells WHERE cell_id = ?", (cid,))
             conn.execute(f"INSERT INTO cells ({columns}) VALUES ({marks})", row)
             conn.executemany(
-                "INSERT INTO metrics (cell_id, metric, value) VALUES (?, ?, ?)",
-                [(cid, name, value) for name, value in metrics.items()],
+                "INSERT INTO metrics (cell_id, metric, value, count, total) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (cid, name, value, *counts.get(name, (None, None)))
+                    for name, value in metrics.items()
+                ],
             )
         return True
 
@@ -399,10 +436,15 @@ class Store:
             ).fetchall()
             ids = [r["cell_id"] for r in rows]
             metrics: dict[str, dict[str, float | None]] = {i: {} for i in ids}
+            counts: dict[str, dict[str, tuple[int, int]]] = {i: {} for i in ids}
             specs: dict[str, dict[str, str | None]] = {i: {} for i in ids}
-            for r in conn.execute("SELECT cell_id, metric, value FROM metrics ORDER BY rowid"):
+            for r in conn.execute(
+                "SELECT cell_id, metric, value, count, total FROM metrics ORDER BY rowid"
+            ):
                 if r[0] in metrics:
                     metrics[r[0]][r[1]] = r[2]
+                    if r[3] is not None and r[4] is not None:
+                        counts[r[0]][r[1]] = (int(r[3]), int(r[4]))
             for r in conn.execute("SELECT spec_name, cell_id, label FROM spec_cells"):
                 if r[1] in specs:
                     specs[r[1]][r[0]] = r[2]
@@ -414,6 +456,7 @@ class Store:
             d["config"] = json.loads(d["config"])
             d["provenance"] = json.loads(d["provenance"])
             d["metrics"] = metrics[cid]
+            d["counts"] = counts[cid]
             d["specs"] = sorted(specs[cid])
             if spec_name is not None and spec_name in specs[cid]:
                 d["label"] = specs[cid][spec_name]
@@ -422,7 +465,8 @@ class Store:
 
     def long_results(self, *, spec_name: str | None = None) -> list[dict[str, Any]]:
         """One row per stored metric value: ``cell_id, dataset, norm, defense, model, params``
-        (canonical JSON), ``seed, label, metric, value`` (float or ``None``)."""
+        (canonical JSON), ``seed, label, metric, value`` (float or ``None``), ``count``,
+        ``total`` (the counts behind a fraction, or ``None``)."""
         rows = []
         for cell in self.cells(spec_name=spec_name):
             for metric, value in cell["metrics"].items():
@@ -438,6 +482,8 @@ class Store:
                         "label": cell["label"],
                         "metric": metric,
                         "value": value,
+                        "count": cell["counts"].get(metric, (None, None))[0],
+                        "total": cell["counts"].get(metric, (None, None))[1],
                     }
                 )
         return rows

@@ -394,3 +394,55 @@ def test_plots_are_nonempty_pngs(store, tmp_path):
     # three panels (guaranteed accuracy, precision/coverage, attack) vs one bar chart
     assert l2.shape[1] > 2.5 * linf.shape[1]
     assert l2.std() > 0.01  # not a blank canvas
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+@pytest.mark.parametrize(("k", "n"), [(7, 10), (0, 10), (10, 10), (1, 1), (433, 450)])
+def test_results_csv_intervals_match_scipy_and_statsmodels(tmp_path, k, n):
+    """95% Clopper–Pearson over test examples, from the stored counts (hand-made here)."""
+    from scipy.stats import beta
+    from statsmodels.stats.proportion import proportion_confint
+
+    s = Store(tmp_path / "s.sqlite")
+    res = result({"accuracy": k / n})
+    res["counts"] = {"accuracy": (k, n)}
+    assert s.put(cell("undefended", attack=None), res)
+    publish(s, tmp_path / "lb")
+    df = pd.read_csv(tmp_path / "lb" / "results.csv")
+    row = df[df.metric == "accuracy"].iloc[0]
+    lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+    hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+    assert row["n"] == n
+    assert row["ci_lower"] == pytest.approx(lo, abs=1e-12)
+    assert row["ci_upper"] == pytest.approx(hi, abs=1e-12)
+    sm_lo, sm_hi = proportion_confint(k, n, alpha=0.05, method="beta")
+    assert row["ci_lower"] == pytest.approx(sm_lo, abs=1e-10)
+    assert row["ci_upper"] == pytest.approx(sm_hi, abs=1e-10)
+    assert row["ci_lower"] <= row["value"] <= row["ci_upper"]
+    (board,) = build_boards(s)
+    assert board.rows[0].intervals["accuracy"] == pytest.approx((lo, hi, n), abs=1e-12)
+
+
+def test_uncounted_metrics_have_empty_intervals(store, tmp_path):
+    publish(store, tmp_path / "lb")
+    df = pd.read_csv(tmp_path / "lb" / "results.csv")
+    assert {"n", "ci_lower", "ci_upper"} <= set(df.columns)
+    assert df["n"].isna().all() and df["ci_lower"].isna().all()
+
+
+def test_board_intervals_pool_the_counts_of_seeds(tmp_path):
+    from scipy.stats import beta
+
+    s = Store(tmp_path / "s.sqlite")
+    for seed, k in ((0, 150), (1, 170)):
+        res = result({"accuracy": k / 200})
+        res["counts"] = {"accuracy": (k, 200)}
+        assert s.put(cell("undefended", seed=seed, attack=None), res)
+    (board,) = build_boards(s)
+    lo, hi, n = board.rows[0].intervals["accuracy"]
+    assert n == 400 and board.rows[0].metrics["accuracy"] == pytest.approx(0.8)
+    assert lo == pytest.approx(beta.ppf(0.025, 320, 81)) and hi == pytest.approx(
+        beta.ppf(0.975, 321, 80)
+    )

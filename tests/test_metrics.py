@@ -254,3 +254,32 @@ def test_reset() -> None:
     _full_update(ms)
     ms.reset()
     assert ms.n == 0 and all(v is None for v in ms.compute().values())
+
+
+def test_counts_reproduce_every_counted_value():
+    """counts() gives (k, n) with k / n equal to compute()'s value, on random batches."""
+    rng = np.random.default_rng(0)
+    ms = MetricSet(radii=[0.0, 0.3], thresholds=[0.1, 0.5], eps_list=[0.2], certifies=True)
+    for _ in range(3):
+        n = 37
+        y = rng.integers(0, 3, n)
+        pred = np.where(rng.random(n) < 0.8, y, rng.integers(-1, 3, n))
+        radius = rng.random(n)
+        pa = np.where(rng.random(n) < 0.5, y, -1)
+        ms.update(y=y, pred=pred, radius=radius, pred_adv={0.2: pa}, radius_adv={0.2: radius / 2})
+    values, counts = ms.compute(), ms.counts()
+    assert set(counts) >= {"accuracy", "guaranteed_accuracy@0.3", "coverage@0.5"}
+    assert "robust_precision_under_attack@0.2@0.1" in counts
+    for name, (k, n) in counts.items():
+        assert values[name] == k / n, name
+    assert (
+        counts["accuracy"][1] == 111 and counts["robust_precision@0.5"][1] == ms.certified_at_t[1]
+    )
+
+
+def test_counts_leave_out_conventional_values():
+    """A defense that certifies nothing: robust precision *equals* accuracy by convention, it
+    is not a counted fraction, so it has no counts (and so no interval)."""
+    ms = MetricSet(radii=[0.1], thresholds=[0.1], certifies=False)
+    ms.update(y=np.array([0, 1]), pred=np.array([0, 0]))
+    assert ms.counts() == {"accuracy": (1, 2)}

@@ -340,3 +340,34 @@ def test_sigkill_mid_writing_leaves_consistent_db(tmp_path):
     assert store.put(make_cell(seed=0), make_result()) is False
     assert store.put(make_cell(seed=n + 10), make_result()) is True
     assert_consistent(path)
+
+
+def test_counts_round_trip_and_must_match_the_value(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    res = make_result(acc=0.9, counts={"accuracy": (180, 200), "coverage@0.05": (100, 200)})
+    assert s.put(make_cell(), res)
+    got = s.get(make_cell().cell_id())
+    assert got["counts"] == {"accuracy": (180, 200), "coverage@0.05": (100, 200)}
+    rows = {r["metric"]: (r["count"], r["total"]) for r in s.long_results()}
+    assert rows["accuracy"] == (180, 200) and rows["guaranteed_accuracy@0"] == (None, None)
+    with pytest.raises(ConfigError, match="counts of metric 'accuracy'"):
+        s.put(make_cell(seed=1), make_result(acc=0.9, counts={"accuracy": (10, 200)}))
+    with pytest.raises(ConfigError, match="counts of metric 'accuracy'"):
+        s.put(make_cell(seed=2), make_result(acc=0.9, counts={"accuracy": (9, 8)}))
+
+
+def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
+    """A store written before counts existed keeps its cells and gains the columns."""
+    path = tmp_path / "old.sqlite"
+    s = Store(path)
+    assert s.put(make_cell(), make_result())
+    with sqlite3.connect(path) as con:  # turn it back into a schema-1 store
+        con.execute("ALTER TABLE metrics DROP COLUMN count")
+        con.execute("ALTER TABLE metrics DROP COLUMN total")
+        con.execute("PRAGMA user_version = 1")
+    s2 = Store(path)
+    assert raw(path, "PRAGMA user_version")[0][0] == 2
+    got = s2.get(make_cell().cell_id())
+    assert got["metrics"]["accuracy"] == 0.9 and got["counts"] == {}
+    assert s2.put(make_cell(seed=1), make_result(counts={"accuracy": (180, 200)}))
+    assert s2.get(make_cell(seed=1).cell_id())["counts"] == {"accuracy": (180, 200)}
