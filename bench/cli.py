@@ -540,10 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spec-name", default=None, help="only cells of this spec")
     q.add_argument(
         "--rank-by",
-        default="smallest-eps",
+        default="upper",
         choices=RANK_BY,
-        help="ranking headline: accuracy under attack at the board's smallest or largest "
-        "eps, or clean accuracy (default: smallest-eps)",
+        help="ranking: the robust-accuracy interval's upper end (accuracy under the attack "
+        "ensemble at the headline budget; default) or lower end (guaranteed accuracy there), "
+        "clean accuracy, or accuracy under attack at the smallest/largest budget",
     )
     p.set_defaults(func=cmd_leaderboard)
 

@@ -5,13 +5,18 @@
 this order::
 
     rank, defense, model, params, accuracy,
+    robust_accuracy_lower, robust_accuracy_upper, headline_eps,
     guaranteed_accuracy@<r>..., robust_precision@<T>..., coverage@<T>...,
     accuracy_under_attack@<eps>...,
     attack, n_test, n_draws, alpha, seed, train_seconds, eval_seconds,
     certbench_version, torch_version, git_commit, created_at
 
-and ``results.csv`` (``dataset, norm, defense, model, params, seed, metric, value,
-cell_id``; one stored metric value per row, every seed) covering the same cells.
+and ``results.csv`` (``dataset, norm, defense, model, params, seed, metric, value, n,
+ci_lower, ci_upper, cell_id``; one stored metric value per row, every seed) covering the same
+cells: ``n`` is the number of test examples a fraction rests on and ``[ci_lower, ci_upper]``
+its 95% Clopper–Pearson interval over test examples (empty when the value is not a counted
+fraction). With an attack ensemble, each attack's own values are rows whose metric ends in
+``[<attack label>]``.
 
 Conventions:
 
@@ -20,17 +25,20 @@ Conventions:
   radii/thresholds (and eps, for cells with an attack stage) their specs asked for.
 * Accuracies are fractions in [0, 1] written as plain numbers; an undefined value (``None``,
   e.g. the guaranteed accuracy of a defense that certifies nothing) is an empty cell.
+* The robust-accuracy interval: true robust accuracy at the headline budget ε (the spec's
+  ``threat.headline``, else the board's smallest attack budget) lies between
+  ``robust_accuracy_lower`` = guaranteed accuracy at ε (a certificate; empty when the
+  defense certifies nothing) and ``robust_accuracy_upper`` = accuracy under the attack
+  ensemble at ε (every attack is an upper bound).
 * Cells that differ only in seed are averaged into one row (mean of the defined values);
   ``seed`` then lists the seeds, ``;``-separated (a plain integer for a single seed),
   ``train_seconds``/``eval_seconds`` are means, ``created_at`` is the latest, and text
   columns that differ between seeds are ``;``-joined. When several stored cells have the
   same seed and differ only in threat lists, their metrics are merged (newest wins).
-* Rank: by the board's headline; ties broken by ``accuracy``; rows without a headline value
-  come last; equal (headline, accuracy) share a rank (1, 2, 2, 4). The headline (``rank_by``)
-  is ``accuracy_under_attack`` at the smallest ``eps`` that has a value in some row
-  (``"smallest-eps"``, the default), at the largest such ``eps`` (``"largest-eps"``, closer to
-  RobustBench's one-budget boards), or ``accuracy`` (``"accuracy"``); a board without any
-  accuracy under attack always ranks by ``accuracy``.
+* Rank (``rank_by``, :data:`RANK_BY`): by ``robust_accuracy_upper`` (default), by
+  ``robust_accuracy_lower``, by ``accuracy``, or by accuracy under attack at the smallest /
+  largest budget with a value; ties broken by ``accuracy``; rows without a value come last;
+  equal (value, accuracy) share a rank (1, 2, 2, 4).
 * Files are replaced atomically (temporary file in the same directory, fsync, rename), so a
   reader never sees half a leaderboard. Boards are generated, never edited by hand.
 """
@@ -67,7 +75,16 @@ _THREAT_LIST = {
     "coverage": "thresholds",
     "accuracy_under_attack": "eps",
 }
-LEAD_COLUMNS = ("rank", "defense", "model", "params", "accuracy")
+LEAD_COLUMNS = (
+    "rank",
+    "defense",
+    "model",
+    "params",
+    "accuracy",
+    "robust_accuracy_lower",
+    "robust_accuracy_upper",
+    "headline_eps",
+)
 TAIL_COLUMNS = (
     "attack",
     "n_test",
@@ -151,13 +168,19 @@ class BoardRow:
 
 @dataclass
 class Board:
-    """A (dataset, norm) leaderboard: ordered columns and ranked rows."""
+    """A (dataset, norm) leaderboard: ordered columns and ranked rows.
+
+    ``headline`` is the column rows are ranked by; ``headline_eps`` the budget at which each
+    row shows its robust-accuracy interval ``[robust_accuracy_lower,
+    robust_accuracy_upper]`` (None when the board has no attack).
+    """
 
     dataset: str
     norm: str
     columns: list[str]
     headline: str
     rows: list[BoardRow]
+    headline_eps: float | None = None
 
     @property
     def filename(self) -> str:
@@ -315,12 +338,71 @@ def _rank(rows: list[BoardRow], headline: str) -> None:
         row.values["rank"] = rank
 
 
-RANK_BY = ("smallest-eps", "largest-eps", "accuracy")
-"""Headline choices for ranking a board (module docstring)."""
+RANK_BY = ("upper", "lower", "accuracy", "smallest-eps", "largest-eps")
+"""Ranking choices (module docstring): the robust-accuracy interval's upper end (accuracy
+under the attack ensemble at the headline budget; the default, as RobustBench ranks by
+AutoAttack accuracy), its lower end (guaranteed accuracy there), clean accuracy, or accuracy
+under attack at the board's smallest / largest budget."""
+
+
+def _headline_eps(cells: list[Mapping[str, Any]], rows: list[BoardRow], board: str) -> float | None:
+    """The budget declared by the cells' specs (``threat.headline``), else the smallest budget
+    with a value; None when no row was attacked."""
+    declared = sorted(
+        {float(h) for c in cells if (h := (c["config"].get("threat") or {}).get("headline"))}
+    )
+    if len(declared) > 1:
+        warnings.warn(
+            f"board {board}: specs declare different headline budgets {declared}; "
+            f"using {declared[0]:g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if declared:
+        return declared[0]
+    attacked = sorted(
+        x
+        for x in {
+            parse_metric_key(k)[1]
+            for r in rows
+            for k, v in r.metrics.items()
+            if v is not None and parse_metric_key(k)[0] == "accuracy_under_attack"
+        }
+        if x is not None
+    )
+    return attacked[0] if attacked else None
+
+
+def _interval_columns(row: BoardRow, h: float | None) -> None:
+    lower = upper = None
+    if h is not None:
+        lower = row.metrics.get(metric_key("guaranteed_accuracy", h))
+        upper = row.metrics.get(metric_key("accuracy_under_attack", h))
+    row.metrics["robust_accuracy_lower"] = lower
+    row.metrics["robust_accuracy_upper"] = upper
+    for end, key in (("lower", "guaranteed_accuracy"), ("upper", "accuracy_under_attack")):
+        if h is not None and metric_key(key, h) in row.intervals:
+            row.intervals[f"robust_accuracy_{end}"] = row.intervals[metric_key(key, h)]
+    row.values["robust_accuracy_lower"] = lower
+    row.values["robust_accuracy_upper"] = upper
+    row.values["headline_eps"] = h
+
+
+def _ranking_column(rank_by: str, rows: list[BoardRow], columns: list[str]) -> str:
+    if rank_by in ("upper", "lower"):
+        return f"robust_accuracy_{rank_by}"
+    if rank_by == "accuracy":
+        return "accuracy"
+    aua = [c for c in columns if parse_metric_key(c)[0] == "accuracy_under_attack"]
+    aua = [c for c in aua if any(r.metrics.get(c) is not None for r in rows)]
+    if not aua:
+        return "accuracy"
+    pick = min if rank_by == "smallest-eps" else max
+    return pick(aua, key=lambda c: parse_metric_key(c)[1])
 
 
 def build_boards(
-    store: Store, *, spec_name: str | None = None, rank_by: str = "smallest-eps"
+    store: Store, *, spec_name: str | None = None, rank_by: str = "upper"
 ) -> list[Board]:
     """Every (dataset, norm) board of the stored cells (of ``spec_name`` only, if given).
 
@@ -351,20 +433,24 @@ def build_boards(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        aua = [c for c in columns if parse_metric_key(c)[0] == "accuracy_under_attack"]
-        aua = [c for c in aua if any(r.metrics.get(c) is not None for r in rows)]
-        if not aua or rank_by == "accuracy":
-            headline = "accuracy"
-        else:
-            pick = min if rank_by == "smallest-eps" else max
-            headline = pick(aua, key=lambda c: parse_metric_key(c)[1])
+        h = _headline_eps(cells, rows, f"{dataset}-{norm}")
+        for r in rows:
+            _interval_columns(r, h)
+        headline = _ranking_column(rank_by, rows, columns)
         _rank(rows, headline)
         for r in rows:
             for col in columns:
                 if col == "accuracy" or "@" in col:
                     r.values[col] = r.metrics.get(col)
         boards.append(
-            Board(dataset=dataset, norm=norm, columns=columns, headline=headline, rows=rows)
+            Board(
+                dataset=dataset,
+                norm=norm,
+                columns=columns,
+                headline=headline,
+                rows=rows,
+                headline_eps=h,
+            )
         )
     return boards
 
@@ -386,7 +472,7 @@ def publish(
     out_dir: str | Path,
     *,
     spec_name: str | None = None,
-    rank_by: str = "smallest-eps",
+    rank_by: str = "upper",
 ) -> list[Path]:
     """Write every board's ``<dataset>-<norm>.csv`` and ``results.csv`` under ``out_dir``.
 

@@ -25,8 +25,9 @@ Stages of a cell (:class:`bench.spec.CellConfig`):
 from __future__ import annotations
 
 import hashlib
+import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -240,9 +241,9 @@ def attack_all(
     eps: float,
     attack: Mapping[str, Any],
     seed: int,
-    thresholds: Sequence[float] | None = None,
     offset: int = 0,
     eval_batch_size: int | None = None,
+    on_chunk: Callable[[int], Any] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attack rows ``x`` ``(N, C, H, W)`` (test examples ``offset …``) at budget ``eps`` and
     re-score the attacked inputs with the defense's own prediction.
@@ -287,10 +288,55 @@ def attack_all(
         )
         preds.append(p_adv.cpu())
         radii.append(None if r_adv is None else r_adv.cpu())
+        if on_chunk is not None:
+            on_chunk(1)
     if not preds:
         return torch.empty(0, dtype=torch.int64), None
     radius = None if any(r is None for r in radii) else torch.cat(radii)
     return torch.cat(preds), radius
+
+
+def attack_list(attack: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[dict]:
+    """A cell's attack config as a list of attacks: ``None`` -> ``[]``, one ``[attack]``
+    table -> ``[it]``, an ensemble (``[[attacks]]``) -> its tables. Each is ``{"library",
+    "name", "params", "limit", "eps"}`` (``limit``: first N test examples; ``eps``: the
+    budgets it runs at, ``None`` = every budget of the threat model)."""
+    if not attack:
+        return []
+    items = [attack] if isinstance(attack, Mapping) else list(attack)
+    return [
+        {
+            "library": a.get("library", "certbench"),
+            "name": a.get("name", "pgd"),
+            "params": dict(a.get("params") or {}),
+            "limit": a.get("limit"),
+            "eps": None if a.get("eps") is None else [float(e) for e in a["eps"]],
+        }
+        for a in items
+    ]
+
+
+def worst_case(
+    y: Tensor, results: Sequence[tuple[Tensor, Tensor | None]]
+) -> tuple[Tensor, Tensor | None]:
+    """Per-example worst case over attacks that ran on the same examples ``(N,)``.
+
+    An example stays robust only if every attack failed on it (each result re-scored with
+    the defense's own prediction). For robust precision under attack the chosen result is,
+    per example, a successful attack with the largest certified radius, else the failed
+    attack with the smallest radius: the worst case at every threshold at once.
+    """
+    preds = torch.stack([p for p, _ in results])  # (A, N)
+    wrong = preds != y.view(1, -1)
+    if any(r is None for _, r in results):
+        first_wrong = wrong.double().argmax(dim=0)
+        return preds.gather(0, first_wrong.view(1, -1)).squeeze(0), None
+    radii = torch.stack([r for _, r in results])  # type: ignore[misc]
+    broken = wrong.any(dim=0)
+    widest_break = torch.where(wrong, radii, -math.inf).argmax(dim=0)
+    narrowest_hold = radii.argmin(dim=0)
+    pick = torch.where(broken, widest_break, narrowest_hold).view(1, -1)
+    return preds.gather(0, pick).squeeze(0), radii.gather(0, pick).squeeze(0)
 
 
 @dataclass
@@ -302,13 +348,14 @@ class ShardResult:
         pred: ``(N,)`` clean predictions (``-1`` = abstain).
         radius: ``(N,)`` float64 certified radii, or ``None`` when the defense does not
             certify the cell's norm.
-        adv: eps -> ``(pred_adv, radius_adv | None)`` for the attacked prefix of the slice.
+        adv: attack label -> eps -> ``(pred_adv, radius_adv | None)`` on the attacked prefix
+            of the slice (its length is the attack's coverage).
     """
 
     y: Tensor
     pred: Tensor
     radius: Tensor | None
-    adv: dict[float, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    adv: dict[str, dict[float, tuple[Tensor, Tensor | None]]] = field(default_factory=dict)
 
 
 def evaluate_shard(
@@ -339,22 +386,33 @@ def evaluate_shard(
         pred = predict_all(d, x, seed=cell.seed, eval_batch_size=eval_bs, offset=start)
         radius = None
     out = ShardResult(y=y.clone(), pred=pred, radius=radius)
-    if cell.attack:
-        limit = cell.attack.get("limit") or ds.y_test.numel()
-        a_stop = min(stop, limit)
-        for eps in cell.threat.get("eps", []):
-            if a_stop <= start:
-                break
-            out.adv[float(eps)] = attack_all(
+    n_test = ds.y_test.numel()
+    jobs = []
+    for a in attack_list(cell.attack):
+        a_stop = min(stop, a["limit"] or n_test)
+        budgets = a["eps"] if a["eps"] is not None else cell.threat.get("eps", [])
+        jobs += [(a, float(e), a_stop) for e in budgets if a_stop > start]
+    bar = tqdm(
+        total=sum(-(-(b - start) // ATTACK_CHUNK) for _, _, b in jobs),
+        desc=f"attack {d.name}",
+        unit="chunk",
+        disable=not progress or not jobs,
+        leave=False,
+    )
+    with bar:
+        for a, eps, a_stop in jobs:
+            bar.set_postfix_str(f"{a['library']}:{a['name']} eps={eps:g}")
+            out.adv.setdefault(attack_label(a), {})[eps] = attack_all(
                 d,
                 ds.x_test[start:a_stop],
                 ds.y_test[start:a_stop],
                 norm=cell.norm,
-                eps=float(eps),
-                attack=cell.attack,
+                eps=eps,
+                attack=a,
                 seed=cell.seed,
                 offset=start,
                 eval_batch_size=eval_bs,
+                on_chunk=bar.update,
             )
     return out
 
@@ -370,13 +428,60 @@ def merge_shards(shards: Sequence[ShardResult]) -> ShardResult:
         pred=cat([s.pred for s in shards]),
         radius=cat([s.radius for s in shards]),
     )
-    for eps in sorted({e for s in shards for e in s.adv}):
-        parts = [s.adv[eps] for s in shards if eps in s.adv]
-        merged.adv[eps] = (cat([p for p, _ in parts]), cat([r for _, r in parts]))
+    for label in dict.fromkeys(k for s in shards for k in s.adv):
+        for eps in sorted({e for s in shards for e in s.adv.get(label, {})}):
+            parts = [s.adv[label][eps] for s in shards if eps in s.adv.get(label, {})]
+            merged.adv.setdefault(label, {})[eps] = (
+                cat([p for p, _ in parts]),
+                cat([r for _, r in parts]),
+            )
     return merged
 
 
 # --------------------------------------------------------------------------- stage 3: score
+
+
+def _under_attack(
+    merged: ShardResult,
+    eps: float,
+    adv: tuple[Tensor, Tensor | None],
+    *,
+    thresholds: Sequence[float],
+    certifies: bool,
+) -> tuple[dict[str, float | None], dict[str, tuple[int, int]]]:
+    """The ``*_under_attack`` metrics at ``eps`` of one attacked prefix."""
+    p_adv, r_adv = adv
+    n = p_adv.numel()
+    ms = MetricSet(thresholds=list(thresholds), eps_list=[eps], certifies=certifies)
+    ms.update(
+        y=merged.y[:n],
+        pred=merged.pred[:n],
+        radius=None if merged.radius is None else merged.radius[:n],
+        pred_adv={eps: p_adv},
+        radius_adv=None if r_adv is None else {eps: r_adv},
+    )
+    values, counts = ms.compute(), ms.counts()
+    keep = [k for k in values if "under_attack" in k]
+    return {k: values[k] for k in keep}, {k: counts[k] for k in keep if k in counts}
+
+
+def ensemble(merged: ShardResult, eps: float) -> tuple[Tensor, Tensor | None]:
+    """The per-example worst case at ``eps`` over every attack that ran at that budget.
+
+    It covers the longest attacked prefix; an example beyond an attack's own limit is judged
+    by the attacks that did run on it (:func:`worst_case`).
+    """
+    runs = [by_eps[eps] for by_eps in merged.adv.values() if eps in by_eps]
+    n = max(p.numel() for p, _ in runs)
+    y = merged.y[:n]
+    padded = []
+    for p, r in runs:  # an attack that did not reach an example cannot have broken it
+        gap = n - p.numel()
+        p = torch.cat([p, y[p.numel() :]])
+        if r is not None:
+            r = torch.cat([r, torch.full((gap,), math.inf, dtype=r.dtype)])
+        padded.append((p, r))
+    return worst_case(y, padded)
 
 
 def score(
@@ -389,41 +494,50 @@ def score(
     """The metrics of a cell from its per-example results (:class:`bench.metrics.MetricSet`)
     and the counts ``(k, n)`` behind each fraction.
 
-    Clean metrics are over every example; attack metrics over the attacked prefix.
+    Clean metrics are over every example. ``accuracy_under_attack@eps`` (and robust
+    precision under attack) is the per-example worst case over the attack ensemble
+    (:func:`ensemble`), over the examples attacked at ``eps``; with several attacks each
+    one's own values are added under ``metric[label]`` (:func:`attack_metric_key`).
     """
-    ms = MetricSet(
-        radii=list(radii),
-        thresholds=list(thresholds),
-        eps_list=sorted(merged.adv),
-        certifies=certifies,
-    )
+    budgets = sorted({e for by_eps in merged.adv.values() for e in by_eps})
+    ms = MetricSet(radii=list(radii), thresholds=list(thresholds), certifies=certifies)
     ms.update(y=merged.y, pred=merged.pred, radius=merged.radius)
     metrics, counts = ms.compute(), ms.counts()
-    if merged.adv:
-        n_adv = min(p.numel() for p, _ in merged.adv.values())
-        ms_adv = MetricSet(
-            thresholds=list(thresholds), eps_list=sorted(merged.adv), certifies=certifies
-        )
-        ms_adv.update(
-            y=merged.y[:n_adv],
-            pred=merged.pred[:n_adv],
-            radius=None if merged.radius is None else merged.radius[:n_adv],
-            pred_adv={e: p[:n_adv] for e, (p, _) in merged.adv.items()},
-            radius_adv={e: r[:n_adv] for e, (_, r) in merged.adv.items() if r is not None} or None,
-        )
-        adv_counts = ms_adv.counts()
-        for k, v in ms_adv.compute().items():
-            if "under_attack" in k:
-                metrics[k] = v
-                if k in adv_counts:
-                    counts[k] = adv_counts[k]
+    opts = {"thresholds": thresholds, "certifies": certifies}
+    for eps in budgets:
+        values, cnt = _under_attack(merged, eps, ensemble(merged, eps), **opts)
+        metrics.update(values)
+        counts.update(cnt)
+    if len(merged.adv) > 1:
+        for label, by_eps in merged.adv.items():
+            for eps, adv in sorted(by_eps.items()):
+                values, cnt = _under_attack(merged, eps, adv, **opts)
+                metrics.update({attack_metric_key(k, label): v for k, v in values.items()})
+                counts.update({attack_metric_key(k, label): c for k, c in cnt.items()})
     return metrics, counts
 
 
-def attack_label(attack: Mapping[str, Any] | None) -> str | None:
-    """``library:name(param=value,…)`` of an attack config, for the board's ``attack`` column."""
+def attack_metric_key(metric: str, label: str) -> str:
+    """The name under which one attack's own value of an ensemble metric is stored:
+    ``accuracy_under_attack@0.1[autoattack:standard]``."""
+    return f"{metric}[{label}]"
+
+
+def split_attack_metric_key(name: str) -> tuple[str, str | None]:
+    """Inverse of :func:`attack_metric_key`: ``(metric, label)``, label ``None`` if plain."""
+    if name.endswith("]") and "[" in name:
+        metric, _, label = name[:-1].partition("[")
+        return metric, label
+    return name, None
+
+
+def attack_label(attack: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> str | None:
+    """``library:name(param=value,…)`` of one attack config; an ensemble's labels joined
+    by `` + `` (the board's ``attack`` column)."""
     if not attack:
         return None
+    if not isinstance(attack, Mapping):
+        return " + ".join(str(attack_label(a)) for a in attack)
     params = attack.get("params", {})
     extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
     label = f"{attack.get('library', 'certbench')}:{attack.get('name', 'pgd')}"

@@ -37,11 +37,28 @@ in; training settings as below), so that a cell's identity is a hash of its conf
     thresholds = [0.05, 0.1]        # PixelDP robustness thresholds T, > 0
     eps = [0.1, 0.3]                # attack budgets, > 0
 
+    headline = { l2 = 0.5, linf = 0.1 }  # optional: the board's headline budget per norm
+                                    # (or one number); must be an attack budget; it is
+                                    # added to the radii (the interval's certified end)
+
     [attack]                        # optional; absent = no attack stage
-    library = "certbench"           # certbench | torchattacks | art | autoattack
-    name = "pgd"
+    library = "certbench"           # a registered attack library (certbench, torchattacks,
+    name = "pgd"                    #   art, autoattack, plugins)
     params = { steps = 20 }
     limit = 100                     # attack only the first N test examples
+
+    # ... or an ensemble: accuracy under attack is then the per-example worst case over
+    # every attack that ran on an example (each re-scored with the defense's prediction)
+    [[attacks]]
+    library = "certbench"
+    name = "pgd"
+    [[attacks]]
+    library = "autoattack"
+    name = "autoattack"             # standard for deterministic, rand for randomized defenses
+    limit = 1000                    # on the first 1000 test examples only
+    eps = { linf = [0.1], l2 = [0.5] }  # at these budgets only (default: every budget)
+    norms = ["linf", "l2"]          # the norms it runs for (default: every norm); each attack
+                                    # must support its norms (checked before anything runs)
 
     [[defenses]]
     name = "pixeldp"                # a registered defense
@@ -112,6 +129,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _HEX_KEY_LEN = 16
 
 _TOP_FIELDS = (
+    "attacks",
     "name",
     "seeds",
     "device",
@@ -125,8 +143,8 @@ _TOP_FIELDS = (
 )
 _DATA_FIELDS = ("dataset", "data_dir", "limit_train", "limit_test", "model")
 _EVAL_FIELDS = tuple(DEFAULT_EVAL)
-_THREAT_FIELDS = ("norms", "norm", "radii", "thresholds", "eps")
-_ATTACK_FIELDS = ("library", "name", "params", "limit")
+_THREAT_FIELDS = ("norms", "norm", "radii", "thresholds", "eps", "headline")
+_ATTACK_FIELDS = ("library", "name", "params", "limit", "eps", "norms")
 _DEFENSE_FIELDS = ("name", "model", "label", "params", "grid", "train")
 
 
@@ -146,8 +164,10 @@ class CellConfig:
     the training settings the spec sets (a subset of epochs, batch_size, optimizer, lr,
     momentum, weight_decay; the training loop fills the rest, see the module docstring); ``eval``
     holds ``batch_size`` and ``alpha``; ``threat`` holds the sorted ``radii``,
-    ``thresholds`` and ``eps`` lists (input units of ``norm``, pixels in [0, 1]);
-    ``attack`` is ``{"library", "name", "params", "limit"}`` or ``None``.
+    ``thresholds`` and ``eps`` lists (input units of ``norm``, pixels in [0, 1]) and, when
+    the spec declares one, the ``headline`` budget; ``attack`` is ``{"library", "name",
+    "params", "limit"}`` (one ``[attack]`` table), a list of such tables with their ``eps``
+    (an ensemble, ``[[attacks]]``), or ``None``.
     Treat the dicts as read-only: the hash of a cell is computed from them.
     """
 
@@ -165,7 +185,7 @@ class CellConfig:
     train: dict[str, Any]
     eval: dict[str, Any]
     threat: dict[str, list[float]]
-    attack: dict[str, Any] | None
+    attack: dict[str, Any] | list[dict[str, Any]] | None
     device: str = "auto"
 
     def __hash__(self) -> int:
@@ -245,8 +265,8 @@ class Spec:
     limit_test: int | None
     norms: tuple[str, ...]
     eval: dict[str, Any]
-    threat: dict[str, dict[str, list[float]]]  # norm -> {"radii", "thresholds", "eps"}
-    attack: dict[str, Any] | None
+    threat: dict[str, dict[str, Any]]  # norm -> {"radii", "thresholds", "eps"[, "headline"]}
+    attack: dict[str, Any] | None  # norm -> the cells' attack config (None: no attack stage)
     defenses: tuple[DefenseEntry, ...] = field(default_factory=tuple)
 
     def cells(self) -> list[CellConfig]:
@@ -273,8 +293,10 @@ class Spec:
                                         seed=seed,
                                         train=dict(train),
                                         eval=dict(self.eval),
-                                        threat={k: list(v) for k, v in self.threat[norm].items()},
-                                        attack=json.loads(json.dumps(self.attack)),
+                                        threat=json.loads(json.dumps(self.threat[norm])),
+                                        attack=json.loads(
+                                            json.dumps((self.attack or {}).get(norm))
+                                        ),
                                         device=self.device,
                                     )
                                 )
@@ -430,11 +452,12 @@ def _number_lists(
     norms: tuple[str, ...],
     *,
     positive: bool,
+    path: str | None = None,
 ) -> dict[str, list[float]]:
     """``radii``/``thresholds``/``eps`` (a list or a per-norm table) -> norm -> sorted list."""
     what = "a positive number" if positive else "a number >= 0"
     value = threat.get(key, [])
-    path = f"threat.{key}"
+    path = path or f"threat.{key}"
     if isinstance(value, dict):
         chk.table(value, path, norms)
         per_norm = {n: (value.get(n, []), f"{path}.{n}") for n in norms}
@@ -457,24 +480,85 @@ def _number_lists(
     return out
 
 
-def _check_attack(chk: _Checker, library: str, name: str, params: dict[str, Any]) -> None:
-    """Validate the attack name and parameters now, not after hours of training."""
-    try:
-        from attacks import describe_attack
-    except ImportError:  # attack libraries not installed: checked when the stage runs
-        return
+def _check_attack(
+    chk: _Checker, path: str, library: str, name: str, params: dict[str, Any], norms: Iterable[str]
+) -> None:
+    """Validate the attack name, its parameters and its norms now, not after hours of
+    training."""
     reserved = sorted(
         set(params) & {"defense", "library", "name", "norm", "eps", "seed", "batch_size"}
     )
     if reserved:
         raise chk.error(
-            f"field 'attack.params' may not set {', '.join(reserved)}: the attack's library and "
-            "name are [attack] fields, and the norm, budgets and seed come from [threat] and seeds"
+            f"field '{path}.params' may not set {', '.join(reserved)}: the attack's library and "
+            "name are fields of the attack table, and the norm, budgets and seed come from "
+            "[threat] and seeds"
         )
     try:
+        from attacks import describe_attack, get_attack
+    except ImportError:  # attack libraries not installed: checked when the stage runs
+        return
+    try:
         describe_attack(library, name, **params)
+        supported = get_attack(library, name).norms
     except ConfigError as exc:
-        raise chk.error(f"[attack]: {exc}") from None
+        raise chk.error(f"[{path}]: {exc}") from None
+    for norm in norms:
+        if norm not in supported:
+            raise chk.error(
+                f"[{path}]: attack {library}:{name} does not support norm '{norm}' (it supports "
+                f"{', '.join(supported)}); restrict it with norms = [...] or drop that norm"
+            )
+
+
+def _parse_attack(
+    chk: _Checker,
+    raw: Any,
+    path: str,
+    *,
+    known: Known,
+    norms: tuple[str, ...],
+    eps: dict[str, list[float]],
+) -> tuple[dict[str, Any], dict[str, list[float] | None], tuple[str, ...]]:
+    """One attack table -> (its config, its budgets per norm (None = all), its norms)."""
+    at = chk.table(raw, path, _ATTACK_FIELDS)
+    library = at.get("library", "certbench")
+    if known.attack_libraries is not None:
+        library = chk.choice(library, f"{path}.library", known.attack_libraries)
+    else:
+        library = chk.string(library, f"{path}.library")
+    aname = chk.string(chk.required(at, "name", f"{path}.name"), f"{path}.name")
+    aparams_raw = at.get("params", {})
+    if not isinstance(aparams_raw, dict):
+        raise chk.fail(f"{path}.params", "a table of attack parameters", aparams_raw)
+    aparams = {k: chk.json_value(v, f"{path}.params.{k}") for k, v in aparams_raw.items()}
+    alimit = at.get("limit")
+    if alimit is not None:
+        alimit = chk.integer(alimit, f"{path}.limit", minimum=1)
+    anorms = norms
+    if "norms" in at:
+        anorms = chk.string_list(at["norms"], f"{path}.norms")
+        for i, n in enumerate(anorms):
+            if n not in norms:
+                raise chk.fail(
+                    f"{path}.norms[{i}]", f"one of the threat norms ({', '.join(norms)})", n
+                )
+    budgets: dict[str, list[float] | None] = dict.fromkeys(anorms)
+    if "eps" in at:
+        own = _number_lists(
+            chk, {"eps": at["eps"]}, "eps", anorms, positive=True, path=f"{path}.eps"
+        )
+        for n in anorms:
+            extra = sorted(set(own[n]) - set(eps[n]))
+            if extra:
+                raise chk.error(
+                    f"field '{path}.eps' has budget(s) {extra} for norm '{n}' that are not in "
+                    f"threat.eps ({eps[n]}); an attack runs at a subset of the board's budgets"
+                )
+            budgets[n] = own[n]
+    _check_attack(chk, path, library, aname, aparams, anorms)
+    config = {"library": library, "name": aname, "params": aparams, "limit": alimit}
+    return config, budgets, anorms
 
 
 def _resolve_train(chk: _Checker, table: Any, path: str) -> dict[str, Any]:
@@ -706,32 +790,60 @@ def parse_spec(
     eps = _number_lists(chk, threat_t, "eps", norms, positive=True)
     threat = {n: {"radii": radii[n], "thresholds": thresholds[n], "eps": eps[n]} for n in norms}
 
-    # [attack]
-    attack = None
-    if "attack" in top:
-        at = chk.table(top["attack"], "attack", _ATTACK_FIELDS)
-        library = at.get("library", "certbench")
-        if known.attack_libraries is not None:
-            library = chk.choice(library, "attack.library", known.attack_libraries)
+    # [attack] or [[attacks]] (an ensemble)
+    attack: dict[str, Any] | None = None
+    if "attack" in top and "attacks" in top:
+        raise chk.error("fields 'attack' and 'attacks' are both set; use [attack] or [[attacks]]")
+    if "attack" in top or "attacks" in top:
+        if "attack" in top:
+            tables, paths = [top["attack"]], ["attack"]
         else:
-            library = chk.string(library, "attack.library")
-        aname = chk.string(chk.required(at, "name", "attack.name"), "attack.name")
-        aparams_raw = at.get("params", {})
-        if not isinstance(aparams_raw, dict):
-            raise chk.fail("attack.params", "a table of attack parameters", aparams_raw)
-        aparams = {k: chk.json_value(v, f"attack.params.{k}") for k, v in aparams_raw.items()}
-        alimit = at.get("limit")
-        if alimit is not None:
-            alimit = chk.integer(alimit, "attack.limit", minimum=1)
-        attack = {"library": library, "name": aname, "params": aparams, "limit": alimit}
-        _check_attack(chk, library, aname, aparams)
+            raw = top["attacks"]
+            if not isinstance(raw, list) or not raw:
+                raise chk.fail("attacks", "a non-empty array of tables ([[attacks]])", raw)
+            tables, paths = raw, [f"attacks[{i}]" for i in range(len(raw))]
+        parsed = [
+            _parse_attack(chk, t, p, known=known, norms=norms, eps=eps)
+            for t, p in zip(tables, paths, strict=True)
+        ]
+        plain = "attack" in top and all(
+            k not in top["attack"] for k in ("eps", "norms")
+        )  # one [attack] table as before: its cells keep the config (and identity) of old
+        attack = {}
         for n in norms:
+            applies = [(cfg, b[n]) for cfg, b, an in parsed if n in an]
+            if not applies:
+                continue
             if not eps[n]:
                 p = "threat.eps" if not isinstance(threat_t.get("eps"), dict) else f"threat.eps.{n}"
                 raise chk.error(
                     f"field '{p}' must list at least one attack budget for norm '{n}' "
-                    "when [attack] is given"
+                    "when [attack] or [[attacks]] is given"
                 )
+            if plain:
+                attack[n] = applies[0][0]
+            else:
+                attack[n] = [{**cfg, "eps": budgets} for cfg, budgets in applies]
+        attack = attack or None
+
+    # headline budgets: where the board shows its robust-accuracy interval
+    if "headline" in threat_t:
+        hv = threat_t["headline"]
+        if isinstance(hv, dict):
+            chk.table(hv, "threat.headline", norms)
+            heads = {n: (hv[n], f"threat.headline.{n}") for n in norms if n in hv}
+        else:
+            heads = {n: (hv, "threat.headline") for n in norms}
+        for n, (value, p) in heads.items():
+            h = chk.number(value, p, low=0.0, low_open=True, what="a positive number")
+            if attack and n in attack and h not in eps[n]:
+                raise chk.error(
+                    f"field '{p}' = {h:g} must be one of the attack budgets threat.eps for "
+                    f"norm '{n}' ({eps[n]})"
+                )
+            threat[n]["headline"] = h
+            if h not in threat[n]["radii"]:  # the certified end of the interval
+                threat[n]["radii"] = sorted([*threat[n]["radii"], h])
 
     # [[defenses]]
     defenses_raw = chk.required(top, "defenses", "defenses")

@@ -154,6 +154,9 @@ L2_COLUMNS = [
     "model",
     "params",
     "accuracy",
+    "robust_accuracy_lower",
+    "robust_accuracy_upper",
+    "headline_eps",
     "guaranteed_accuracy@0",
     "guaranteed_accuracy@0.1",
     "robust_precision@0.05",
@@ -269,11 +272,11 @@ def test_rank_by_largest_eps_or_accuracy(tmp_path):
         df = pd.read_csv(tmp_path / "out" / "digits-l2.csv")
         return [(r, json.loads(p)["tag"]) for r, p in zip(df["rank"], df["params"], strict=True)]
 
-    assert order() == [(1, "a"), (2, "b"), (3, "c")]
+    assert order() == [(1, "a"), (2, "b"), (3, "c")]  # no declared headline: smallest eps
     assert order(rank_by="smallest-eps") == order()
     assert order(rank_by="largest-eps") == [(1, "b"), (2, "c"), (3, "a")]  # ties: accuracy
     assert order(rank_by="accuracy") == [(1, "c"), (2, "a"), (3, "b")]
-    with pytest.raises(ConfigError, match="rank_by must be one of smallest-eps, largest-eps"):
+    with pytest.raises(ConfigError, match="rank_by must be one of upper, lower, accuracy"):
         publish(s, tmp_path / "out", rank_by="median")
 
 
@@ -446,3 +449,36 @@ def test_board_intervals_pool_the_counts_of_seeds(tmp_path):
     assert lo == pytest.approx(beta.ppf(0.025, 320, 81)) and hi == pytest.approx(
         beta.ppf(0.975, 321, 80)
     )
+
+
+def test_headline_interval_and_rank_by_upper_or_lower(tmp_path):
+    """The interval [guaranteed, under attack] at the spec's headline budget; rank by its
+    upper end by default, by its lower end on request (non-certifying rows last)."""
+    s = Store(tmp_path / "s.sqlite")
+    threat = {**L2_THREAT, "headline": 0.3}
+    rows = (  # name, accuracy, guaranteed@0.3, under attack@0.1, @0.3
+        ("emp", 0.95, None, 0.9, 0.6),
+        ("cert", 0.8, 0.5, 0.7, 0.55),
+        ("weak", 0.9, 0.1, 0.8, 0.2),
+    )
+    for name, acc, ga, small, large in rows:
+        metrics = {"accuracy": acc, "guaranteed_accuracy@0.3": ga}
+        metrics |= {"accuracy_under_attack@0.1": small, "accuracy_under_attack@0.3": large}
+        assert s.put(cell("madry", params={"tag": name}, threat=threat), result(metrics))
+    (board,) = build_boards(s)
+    assert board.headline_eps == 0.3 and board.headline == "robust_accuracy_upper"
+    got = {r.params["tag"]: (r.values["robust_accuracy_lower"], r.values["robust_accuracy_upper"])
+           for r in board.rows}  # fmt: skip
+    assert got == {"emp": (None, 0.6), "cert": (0.5, 0.55), "weak": (0.1, 0.2)}
+    assert [r.params["tag"] for r in board.rows] == ["emp", "cert", "weak"]
+    (by_lower,) = build_boards(s, rank_by="lower")
+    assert [r.params["tag"] for r in by_lower.rows] == ["cert", "weak", "emp"]
+    publish(s, tmp_path / "lb")
+    df = pd.read_csv(tmp_path / "lb" / "digits-l2.csv")
+    assert list(df.columns[4:8]) == [
+        "accuracy",
+        "robust_accuracy_lower",
+        "robust_accuracy_upper",
+        "headline_eps",
+    ]
+    assert (df["headline_eps"] == 0.3).all()
