@@ -168,9 +168,9 @@ class MetricSet:
             ``robust_precision_under_attack@eps@T``).
         eps_list: attack sizes ``eps`` of ``accuracy_under_attack@eps``.
         certifies: whether the defense certifies the board's norm. If False, guaranteed
-            accuracy is None (empty cell, not 0), robust precision equals accuracy, coverage
-            is 1.0 and robust precision under attack equals accuracy under attack; radii
-            passed to :meth:`update` are ignored.
+            accuracy and coverage are None (empty cells: nothing is certified, which is not
+            the same as 0 or 1), robust precision equals accuracy and robust precision under
+            attack equals accuracy under attack; radii passed to :meth:`update` are ignored.
 
     State is integer counts only: batching and sharding do not change the result, and
     ``merge`` adds shards exactly (Ray workers return their MetricSet, the driver merges).
@@ -350,10 +350,7 @@ class MetricSet:
             )
             out[metric_key("robust_precision", thr)] = value
         for j, thr in enumerate(self.thresholds):
-            if self.certifies:
-                value = _ratio(self.certified_at_t[j], self.n)
-            else:
-                value = None if self.n == 0 else 1.0
+            value = _ratio(self.certified_at_t[j], self.n) if self.certifies else None
             out[metric_key("coverage", thr)] = value
         adv_acc = [_ratio(c, n) for c, n in zip(self.adv_correct, self.adv_n, strict=True)]
         for i, e in enumerate(self.eps_list):

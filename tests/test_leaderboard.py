@@ -101,7 +101,7 @@ CELLS = [
                 "guaranteed_accuracy@0": None,
                 "guaranteed_accuracy@0.1": None,
                 "robust_precision@0.05": 0.9375,
-                "coverage@0.05": 1.0,
+                "coverage@0.05": None,
                 "accuracy_under_attack@0.1": 0.25,
                 "accuracy_under_attack@0.3": 0.0,
             },
@@ -394,9 +394,35 @@ def test_plots_are_nonempty_pngs(store, tmp_path):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     l2, linf = (imread(p) for p in paths)
-    # three panels (guaranteed accuracy, precision/coverage, attack) vs one bar chart
-    assert l2.shape[1] > 2.5 * linf.shape[1]
+    # four panels in a 2x2 grid (guaranteed accuracy, precision/coverage, attack, interval)
+    # vs one bar chart
+    assert l2.shape[1] > 1.8 * linf.shape[1] and l2.shape[0] > 1.6 * linf.shape[0]
     assert l2.std() > 0.01  # not a blank canvas
+
+
+def test_svg_plot_titles_and_panels(store):
+    from bench.plots import _panels, render_board
+
+    l2 = build_boards(store)[0]
+    assert _panels(l2) == ["guaranteed", "threshold", "attack", "interval"]
+    svg = render_board(l2, fmt="svg").decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    from matplotlib.figure import Figure
+
+    from bench.plots import _curve_panel
+
+    ax = Figure().subplots()
+    _curve_panel(ax, l2, "threshold", [f"C{i}" for i in range(len(l2.rows))], "ℓ2", "px")
+    assert "PixelDP" not in ax.get_title()  # the panel is about every certifying defense
+    # defenses that certify nothing draw no precision/coverage (coverage is undefined); the
+    # board has one threshold, so the panel is grouped bars
+    from matplotlib.colors import to_rgb
+
+    drawn = {to_rgb(p.get_facecolor()) for p in ax.patches}
+    undefended = [to_rgb(f"C{i}") for i, r in enumerate(l2.rows) if r.defense == "undefended"]
+    certifying = [to_rgb(f"C{i}") for i, r in enumerate(l2.rows) if r.defense == "pixeldp"]
+    assert undefended and certifying and certifying[0] in drawn
+    assert not drawn & set(undefended)
 
 
 # --------------------------------------------------------------------------- intervals

@@ -162,7 +162,7 @@ def test_metricset_non_certifying() -> None:
     out = ms.compute()
     assert out["guaranteed_accuracy@0.1"] is None  # empty cell, not 0
     assert out["robust_precision@0.1"] == out["accuracy"] == 4 / 6
-    assert out["coverage@0.1"] == 1.0
+    assert out["coverage@0.1"] is None  # nothing is certified: undefined, not 1.0
     assert out["robust_precision_under_attack@0.5@0.1"] == out["accuracy_under_attack@0.5"]
 
 
