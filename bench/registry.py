@@ -9,7 +9,7 @@ kind          entry-point group           what is registered
 defense       ``certbench.defenses``      a :class:`defenses.base.Defense` subclass
 model         ``certbench.models``        a factory ``f(input_shape, num_classes, **kw)``
 attack        ``certbench.attacks``       an adapter ``f(defense, x, y, *, norm, eps, ...)``
-dataset       ``certbench.datasets``      a :class:`bench.datasets.DatasetFormat`
+dataset       ``certbench.datasets``      a :class:`bench.data.DatasetFormat`
 ============  ==========================  ===============================================
 
 Built-ins and third-party plugins are found the same way: loading an entry point imports its

@@ -322,15 +322,14 @@ class Known:
 
     @classmethod
     def discover(cls) -> Known:
-        """Datasets from ``bench.data.DATASETS``, models from ``bench.models.list_models()``,
+        """Datasets from ``bench.registry.DATASETS``, models from ``bench.models.list_models()``,
         defenses from ``bench.registry`` (imported lazily: specs parse without torch loaded
         until validation needs it)."""
-        from bench.data import DATASETS
         from bench.models import list_models
-        from bench.registry import ATTACKS, get_defense_class, list_defenses
+        from bench.registry import ATTACKS, DATASETS, get_defense_class, list_defenses
 
         return cls(
-            datasets=tuple(DATASETS),
+            datasets=tuple(DATASETS.names()),
             models=tuple(list_models()),
             defenses={n: get_defense_class(n) for n in list_defenses()},
             attack_libraries=tuple(sorted({k.split(":")[0] for k in ATTACKS.names()})),

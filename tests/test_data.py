@@ -13,6 +13,7 @@ import gzip
 import os
 import pickle
 import pickletools
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -826,6 +827,133 @@ def test_imagefolder_without_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "PIL", None)  # makes `import PIL` raise ImportError
     with pytest.raises(DataError, match=r"needs Pillow, which is not installed"):
         load_dataset("imagefolder", tmp_path)
+
+
+# --------------------------------------------------------------------------- test-only loads
+
+
+def _make_cifar100(root: Path) -> None:
+    base = root / "cifar-100-python"
+    base.mkdir()
+    rng = np.random.default_rng(7)
+    for fname, n in (("train", 3), ("test", 2)):
+        rows = _cifar_rows(_cifar_images(rng, n))
+        _replace_batch(base, fname, {b"data": rows, b"fine_labels": [99, *range(n - 1)]})
+
+
+def _make_folder_with_every_test_class(root: Path) -> None:
+    _make_folder(root, rgb=True)
+    (root / "test" / "dog").mkdir()  # no test images, but keeps the class numbering
+
+
+# name: (make the full directory, training files to remove, the path a train load names)
+TEST_ONLY = {
+    "mnist": (
+        lambda r: _make_idx_dir(r, gz=True),
+        ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"],
+        "train-images-idx3-ubyte",
+    ),
+    "cifar10": (
+        _make_cifar10,
+        [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+        "cifar-10-batches-py/data_batch_1",
+    ),
+    "cifar100": (_make_cifar100, ["cifar-100-python/train"], "cifar-100-python/train"),
+    "svhn": (_make_svhn, ["train_32x32.mat"], "train_32x32.mat"),
+    "imagefolder": (_make_folder_with_every_test_class, ["train"], "train"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEST_ONLY))
+def test_test_only_load_needs_only_the_test_files(tmp_path: Path, name: str) -> None:
+    if name == "imagefolder":
+        pytest.importorskip("PIL")
+    make, train_files, named = TEST_ONLY[name]
+    make(tmp_path)
+    full = load_dataset(name, tmp_path)
+    for rel in train_files:
+        path = tmp_path / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    d = load_dataset(name, tmp_path, train=False)
+    assert d.x_train.shape == (0, *full.input_shape) and d.x_train.dtype == torch.float32
+    assert d.y_train.shape == (0,) and d.y_train.dtype == torch.int64
+    assert torch.equal(d.x_test, full.x_test) and torch.equal(d.y_test, full.y_test)
+    assert (d.name, d.num_classes, d.source) == (full.name, full.num_classes, full.source)
+    limited = load_dataset(name, tmp_path, train=False, limit_train=5, limit_test=1)
+    assert torch.equal(limited.x_test, full.x_test[:1]) and limited.x_train.shape[0] == 0
+    assert load_dataset(name, tmp_path, train=False, limit_test=0).input_shape == full.input_shape
+    # asking for the training split still names the missing training file
+    with pytest.raises(DataError, match="not found") as info:
+        load_dataset(name, tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / named}: ")
+
+
+def test_test_only_load_does_not_open_training_files(tmp_path: Path) -> None:
+    _make_idx_dir(tmp_path, gz=False)
+    full = load_dataset("mnist", tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"garbage")
+    d = load_dataset("mnist", tmp_path, train=False)
+    assert torch.equal(d.x_test, full.x_test) and d.x_train.shape == (0, 1, 5, 4)
+
+
+def test_test_only_imagefolder_keeps_train_class_numbering(tmp_path: Path) -> None:
+    pytest.importorskip("PIL")
+    _make_folder(tmp_path, rgb=False)  # test/ lacks 'dog': classes come from train/
+    full = load_dataset("imagefolder", tmp_path)
+    (tmp_path / "train" / "dog" / "00.png").write_bytes(b"not opened by a test-only load")
+    d = load_dataset("imagefolder", tmp_path, train=False)
+    assert d.num_classes == 3 and d.y_test.tolist() == [0, 2, 2]
+    assert torch.equal(d.x_test, full.x_test) and d.x_train.shape == (0, 1, 4, 6)
+    (tmp_path / "test").rename(tmp_path / "val")
+    shutil.rmtree(tmp_path / "train")
+    # without train/, the val/ folder names are the classes ('cat', 'eel')
+    d = load_dataset("imagefolder", tmp_path, train=False)
+    assert d.num_classes == 2 and d.y_test.tolist() == [0, 1, 1]
+    for cls in ("cat", "eel"):
+        shutil.rmtree(tmp_path / "val" / cls)
+    with pytest.raises(DataError, match=r"val: no class folders"):
+        load_dataset("imagefolder", tmp_path, train=False)
+
+
+def test_test_only_digits_and_bad_train_flag() -> None:
+    full = load_dataset("digits")
+    d = load_dataset("digits", train=False, limit_test=7)
+    assert d.x_train.shape == (0, 1, 8, 8) and d.y_train.shape == (0,)
+    assert torch.equal(d.x_test, full.x_test[:7]) and torch.equal(d.y_test, full.y_test[:7])
+    with pytest.raises(ConfigError, match=r"train must be true or false, got 0"):
+        load_dataset("digits", train=0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_dataset_names_and_default_dirs_come_from_the_registry() -> None:
+    from bench.registry import DATASETS as formats
+
+    assert tuple(formats.names()) == DATASETS
+    builtins = {"digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder"}
+    assert builtins <= set(DATASETS)
+    assert all(formats.package(name) == "certbench" for name in builtins)
+    assert DEFAULT_DATA_DIRS["mnist"] == "/usr/share/datasets/mnist"
+    assert DEFAULT_DATA_DIRS["fashion-mnist"] == str(FASHION_DIR)
+    assert not {"digits", "cifar10", "cifar100", "svhn", "imagefolder"} & set(DEFAULT_DATA_DIRS)
+
+
+def test_a_registered_object_that_is_no_format_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench.errors import RegistryError
+    from bench.registry import DATASETS as formats
+
+    formats.load()
+    monkeypatch.setattr(formats, "_entries", dict(formats._entries))
+
+    @formats.register("not-a-format")
+    def not_a_format(directory, request):  # type: ignore[no-untyped-def]
+        raise AssertionError("never called")
+
+    with pytest.raises(RegistryError, match=r"'not-a-format' \(.*not_a_format\) is not a"):
+        load_dataset("not-a-format", "/tmp")
 
 
 # --------------------------------------------------------------------------- digits, Dataset

@@ -71,7 +71,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import bench.data
+import bench.data.digits
 from bench.checkpoint import load_tensors
 from bench.cli import main
 from bench.data import load_dataset, read_idx
@@ -868,13 +868,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 # digits is re-read from scikit-learn's CSV on every load; the checkpoint fuzzers evaluate
 # hundreds of checkpoints on it, so they share one (read-only) copy
-_cached_digits = functools.lru_cache(maxsize=2)(bench.data._load_digits)
+_cached_digits = functools.lru_cache(maxsize=2)(bench.data.digits._load_digits)
 
 
 def _eval_cli(root: Path, checkpoint: Path, *extra: str) -> tuple[int, str]:
     """``certbench eval`` of a checkpoint on 20 digits; checks the outputs contract."""
     output = root / "eval.json"
-    with mock.patch("bench.data._load_digits", _cached_digits):
+    with mock.patch("bench.data.digits._load_digits", _cached_digits):
         rc, _, err = _cli(
             "eval", "--dataset", "digits", "--limit", "20", "--checkpoint", checkpoint,
             "--output", output, "--quiet", *extra,
