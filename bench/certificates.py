@@ -10,14 +10,19 @@ deterministic maps from those bounds to radii.
 
 * Randomized smoothing (Cohen et al., ICML 2019, Thm 1): ``R = sigma * Phi^-1(p_lower)``
   in the l2 norm; ``R < 0`` (``p_lower < 1/2``) means *abstain*.
-* PixelDP (Lecuyer et al., S&P 2019): the largest attack size ``L_max`` in the construction
-  norm for which the robustness test ``p_lower > e^{2 eps'} p_upper + (1 + e^{eps'}) delta'``
-  holds for some ``(eps', delta')`` that the fixed noise satisfies (REFERENCE.md §1).
+* PixelDP (Lecuyer et al., S&P 2019; REFERENCE.md §1), in the paper's order: bounds on the
+  expected scores from argmax counts (:func:`pixeldp_bounds_from_counts`, Clopper–Pearson
+  with Bonferroni over K) or softmax sums (:func:`pixeldp_bounds_from_softmax`, Hoeffding /
+  empirical Bernstein); the robustness test ``p_lower > e^{2 eps} p_upper + (1 + e^eps)
+  delta`` at one attack size (:func:`pixeldp_is_robust`); the largest attack size ``L_max``
+  in the construction norm for which the test holds for some ``(eps', delta')`` that the
+  fixed noise satisfies (:func:`pixeldp_robust_size_from_bounds`,
+  :func:`pixeldp_robust_size`); then :func:`convert_radius` to the other norms.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,14 +37,20 @@ from bench.stats import (
     _template,
     _to_numpy,
     lower_confidence_bound,
+    softmax_bounds,
     upper_confidence_bound,
 )
-from defenses.base import NORMS
+from bench.threat import NORMS
+from bench.validation import check_choice, check_int
 
 __all__ = [
     "MECHANISMS",
+    "ScoreBounds",
     "convert_radius",
     "gaussian_radius_from_bound",
+    "pixeldp_bounds_from_counts",
+    "pixeldp_bounds_from_softmax",
+    "pixeldp_count_bounds",
     "pixeldp_is_robust",
     "pixeldp_robust_size",
     "pixeldp_robust_size_from_bounds",
@@ -73,11 +84,6 @@ def _check_scalar(value: float, name: str, *, upper: float | None = None) -> flo
         allowed = f"0 < {name} < {upper:g}" if upper is not None else f"finite {name} > 0"
         raise StatisticsValueError(f"{name} must satisfy {allowed}, got {value!r}")
     return v
-
-
-def _check_mechanism(mechanism: str) -> None:
-    if mechanism not in MECHANISMS:
-        raise ConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
 
 
 # --------------------------------------------------------------------------- smoothing
@@ -147,6 +153,149 @@ def smoothing_radius(n_top: ArrayLike, n: ArrayLike, sigma: float, alpha: float)
 
 
 # --------------------------------------------------------------------------- PixelDP
+# Step 1: bounds on the expected scores (argmax counts or softmax sums), step 2: the
+# robustness test and the largest certified size L_max, step 3 (below, shared with
+# smoothing): conversion of the radius to other norms.
+class ScoreBounds(NamedTuple):
+    """The top label and bounds on the expected scores behind a PixelDP certificate.
+
+    Attributes:
+        labels: ``(N,)`` int64, the label with the largest estimate (the first on ties).
+        p_lower: ``(N,)`` float64 lower bound on the top label's expected score.
+        p_upper: ``(N,)`` float64 upper bound on every other label's expected score.
+    """
+
+    labels: Any
+    p_lower: Any
+    p_upper: Any
+
+
+def _top_label(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, others)``: each row's argmax (the first on ties) and a mask of the rest."""
+    labels = np.argmax(scores, axis=1)
+    others = np.ones(scores.shape, dtype=bool)
+    others[np.arange(scores.shape[0]), labels] = False
+    return labels, others
+
+
+def _per_example_table(x: ArrayLike, name: str) -> np.ndarray:
+    table = _to_numpy(x, name)
+    if table.ndim != 2 or table.shape[1] < 1:
+        raise StatisticsValueError(
+            f"{name} must have shape (N, K) with K >= 1 labels, got shape {table.shape}"
+        )
+    return table
+
+
+def _score_bounds(
+    labels: np.ndarray, p_lower: Any, p_upper: Any, like: torch.Tensor | None
+) -> ScoreBounds:
+    out_labels: Any = labels.astype(np.int64)
+    if like is not None:
+        out_labels = torch.from_numpy(out_labels).to(like.device)
+    return ScoreBounds(out_labels, _restore(p_lower, like), _restore(p_upper, like))
+
+
+def pixeldp_count_bounds(
+    n_top: ArrayLike, n_second: ArrayLike, n: ArrayLike, *, num_classes: int, eta: float
+) -> tuple[Any, Any]:
+    """Clopper–Pearson bounds with Bonferroni over the K labels (REFERENCE.md §1, argmax).
+
+    ``p_lower = Beta^-1(eta/K; n_top, n - n_top + 1)`` bounds the top label's probability of
+    being the argmax of a noisy pass from below, ``p_upper = Beta^-1(1 - eta/K; n_second + 1,
+    n - n_second)`` the runner-up's from above. Clopper–Pearson upper bounds grow with the
+    count, so ``p_upper`` bounds every other label too.
+
+    Guarantee: each one-sided bound fails with probability ``<= eta / K`` (the PixelDP
+    reference's union bound over the K labels, which also covers a top label picked from
+    the same draws).
+
+    Args:
+        n_top: ``(N,)`` largest argmax count among ``n`` noise draws.
+        n_second: ``(N,)`` second-largest count (``n_top + n_second <= n``).
+        n: number of draws (scalar or ``(N,)``).
+        num_classes: K, the Bonferroni factor.
+        eta: total failure probability, ``0 < eta < 1``.
+
+    Returns:
+        ``(p_lower, p_upper)``, ``(N,)`` float64 each, in [0, 1].
+    """
+    like = _template(n_top, n_second, n)
+    top, second, nn = (
+        _to_numpy(n_top, "n_top"),
+        _to_numpy(n_second, "n_second"),
+        _to_numpy(n, "n"),
+    )
+    check_int(num_classes, "num_classes", minimum=1)
+    level = _check_scalar(eta, "eta", upper=1.0) / num_classes
+    over = top + second > nn
+    if np.any(over):
+        raise StatisticsValueError(
+            "n_top + n_second must not exceed n, got "
+            f"n_top + n_second = {_first_bad(top + second, over)}"
+        )
+    p_lower = lower_confidence_bound(top, nn, level)
+    p_upper = upper_confidence_bound(second, nn, level)
+    return _restore(p_lower, like), _restore(p_upper, like)
+
+
+def pixeldp_bounds_from_counts(counts: ArrayLike, n: ArrayLike, *, eta: float) -> ScoreBounds:
+    """PixelDP's argmax estimator: top label and Clopper–Pearson bounds from argmax counts.
+
+    The top label is the most frequent argmax of the ``n`` noisy passes, ``c1`` its count and
+    ``c2`` the largest count of any other label (0 when ``K = 1``); the bounds are
+    :func:`pixeldp_count_bounds` of ``(c1, c2)`` at ``eta / K`` with ``K = counts.shape[1]``.
+
+    Args:
+        counts: ``(N, K)`` argmax counts, each row summing to ``n``.
+        n: number of draws per example.
+        eta: total failure probability, ``0 < eta < 1``.
+
+    Returns:
+        :class:`ScoreBounds` (numpy, or tensors on ``counts``' device).
+    """
+    like = _template(counts)
+    c = _per_example_table(counts, "counts")
+    labels, others = _top_label(c)
+    top = np.take_along_axis(c, labels[:, None], axis=1)[:, 0]
+    second = np.maximum(np.where(others, c, -1.0).max(axis=1), 0.0)
+    p_lower, p_upper = pixeldp_count_bounds(top, second, n, num_classes=c.shape[1], eta=eta)
+    return _score_bounds(labels, p_lower, p_upper, like)
+
+
+def pixeldp_bounds_from_softmax(
+    softmax_sum: ArrayLike, softmax_sq_sum: ArrayLike, n: ArrayLike, *, eta: float
+) -> ScoreBounds:
+    """PixelDP's softmax estimator: top label and bounds from sums of the softmax over draws.
+
+    The top label has the largest mean softmax; per label the tighter of the Hoeffding and
+    empirical-Bernstein bounds at ``eta / K`` (:func:`bench.stats.softmax_bounds`, ``K =
+    softmax_sum.shape[1]``). ``p_lower`` is the top label's lower bound and ``p_upper`` the
+    largest upper bound of any other label (0 when ``K = 1``): empirical-Bernstein bounds are
+    not monotone in the mean, so the runner-up's bound alone would not cover the others.
+
+    Guarantee: each one-sided bound fails with probability ``<= 2 eta / K`` (the tighter of
+    two bounds at ``eta / K`` each, picked after seeing the data).
+
+    Args:
+        softmax_sum: ``(N, K)`` sums of the softmax scores (in [0, 1]) over ``n`` draws.
+        softmax_sq_sum: ``(N, K)`` sums of their squares.
+        n: number of draws per example.
+        eta: total failure probability, ``0 < eta < 1``.
+
+    Returns:
+        :class:`ScoreBounds` (numpy, or tensors on ``softmax_sum``'s device).
+    """
+    like = _template(softmax_sum, softmax_sq_sum)
+    s = _per_example_table(softmax_sum, "softmax_sum")
+    sq = _to_numpy(softmax_sq_sum, "softmax_sq_sum")
+    labels, others = _top_label(s)
+    lo, hi = softmax_bounds(s, sq, n, num_classes=s.shape[1], eta=eta)
+    p_lower = np.take_along_axis(lo, labels[:, None], axis=1)[:, 0]
+    p_upper = np.where(others, hi, 0.0).max(axis=1)
+    return _score_bounds(labels, p_lower, p_upper, like)
+
+
 def pixeldp_is_robust(
     p_lower: ArrayLike,
     p_upper: ArrayLike,
@@ -157,14 +306,23 @@ def pixeldp_is_robust(
 ) -> Any:
     """PixelDP robustness test: ``p_lower > e^{2 epsilon} p_upper + (1 + e^epsilon) delta``.
 
-    For an ``(epsilon, delta)``-PixelDP network w.r.t. attacks of size ``L``, a True entry
-    means no attack of size ``<= L`` can change the prediction (given the bounds hold). For
-    the Laplace mechanism the network is ``(epsilon, 0)``-DP and ``delta`` is ignored.
+    REFERENCE.md §1 (Lecuyer et al., Prop. 1 with the expected output stability bound). For
+    an ``(epsilon, delta)``-PixelDP network w.r.t. attacks of size ``L`` (input units, the
+    construction norm), a True entry means no attack of size ``<= L`` can change the
+    prediction, given that ``p_lower`` bounds the top label's expected score from below and
+    ``p_upper`` every other label's from above. For the Laplace mechanism the network is
+    ``(epsilon, 0)``-DP and ``delta`` is ignored.
+
+    Args:
+        p_lower, p_upper: bounds in [0, 1] (broadcastable, any shape), e.g. a
+            :class:`ScoreBounds`' fields.
+        epsilon, delta: the network's DP budget at size ``L``.
+        mechanism: ``"gaussian"`` or ``"laplace"``.
 
     Returns:
         Boolean numpy array, or a bool tensor on the first tensor argument's device.
     """
-    _check_mechanism(mechanism)
+    check_choice(mechanism, "mechanism", MECHANISMS)
     like = _template(p_lower, p_upper)
     pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
     _check_probability(pl, "p_lower")
@@ -194,10 +352,12 @@ def _gaussian_search(
     ``y* = e^{eps*}`` the positive root of ``pu y^2 + delta' y + (delta' - pl) = 0``.
     Bisection's midpoints are the dyadic numbers ``j / 2^iterations``, so its lower end is
     ``floor(eps* 2^iterations) / 2^iterations``; that value is computed directly from the
-    root (one pass instead of ``iterations``), then the inequality is *re-checked* with the
-    same float64 expression as :func:`pixeldp_is_robust` (``>=``) and the value stepped down
-    by ``2^-iterations`` where rounding put it on the wrong side. Invariant: every returned
-    ``eps'`` is 0 or satisfies the inequality as evaluated -- never the violating end.
+    root (one pass instead of ``iterations``), then the inequality is *re-checked* in float64
+    -- the robustness test of :func:`pixeldp_is_robust` in the reference's non-strict form,
+    evaluated as ``pl >= e^{eps'} e^{eps'} pu + (1 + e^{eps'}) delta'`` -- and the value
+    stepped down by ``2^-iterations`` where rounding put it on the wrong side. Invariant:
+    every returned ``eps'`` is 0 or satisfies the inequality as evaluated -- never the
+    violating end.
 
     ``L' = scale * eps' / sqrt(ln(1.25 / delta'))``; ``L_max`` is the max over the grid
     (0 when nothing is feasible). ``pl`` and ``pu`` are flat float64 arrays of equal length.
@@ -268,8 +428,10 @@ def pixeldp_robust_size_from_bounds(
       is found to the precision of ``iterations`` bisection steps on (0, 1] (14 gives
       6e-5, finer than the reference's 0.001; computed from the closed-form root and
       re-checked, see :func:`_gaussian_search`). The returned ``L_max`` always comes from
-      an ``(eps', delta')`` that passes the test. Since ``eps' <= 1`` and ``p_lower <= 1``,
-      ``L_max <= 1.45 L`` for ``delta = 0.05``.
+      an ``(eps', delta')`` that passes the test. Since ``eps' <= 1`` and ``p_lower <= 1``
+      (so ``(1 + e^{eps'}) delta' < 1``), ``L_max < 0.81 L sqrt(ln(1.25/delta)) / epsilon``:
+      about ``1.45 L / epsilon`` for ``delta = 0.05`` (``1.45 L`` only for ``epsilon = 1``,
+      the reference's setting).
 
     Guarantee: if ``p_lower`` / ``p_upper`` bound the expected top / every other score
     (with probability ``>= 1 - eta``), no perturbation of norm ``<= L_max`` (input units)
@@ -293,7 +455,7 @@ def pixeldp_robust_size_from_bounds(
     Returns:
         ``(N,)`` float64 ``L_max >= 0`` in input units.
     """
-    _check_mechanism(mechanism)
+    check_choice(mechanism, "mechanism", MECHANISMS)
     like = _template(p_lower, p_upper)
     pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
     _check_probability(pl, "p_lower")
@@ -308,8 +470,7 @@ def pixeldp_robust_size_from_bounds(
         size = np.where(pl > pu, big_l * ratio / (2.0 * eps), 0.0)
         return _restore(size, like)
     dlt = _check_scalar(delta, "delta", upper=1.0)
-    if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
-        raise StatisticsValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    check_int(iterations, "iterations", minimum=1)
     # L' = sigma eps' / (Delta sqrt(2 ln(1.25/delta'))) with sigma from (eps, delta, L, Delta):
     scale = big_l * np.sqrt(np.log(1.25 / dlt)) / eps
     flat = _gaussian_search(
@@ -336,42 +497,25 @@ def pixeldp_robust_size(
 ) -> Any:
     """PixelDP ``L_max`` from argmax counts (REFERENCE.md §1, "argmax counts").
 
-    Clopper–Pearson with Bonferroni over ``num_classes`` labels:
-    ``p_lower = Beta^-1(eta/K; n_top, n - n_top + 1)``,
-    ``p_upper = Beta^-1(1 - eta/K; n_second + 1, n - n_second)``, then
-    :func:`pixeldp_robust_size_from_bounds`.
+    The two steps of the certificate: Clopper–Pearson bounds with Bonferroni over
+    ``num_classes`` labels (:func:`pixeldp_count_bounds`), then the largest certified size
+    (:func:`pixeldp_robust_size_from_bounds`).
 
     Guarantee: each of the two bounds fails with probability ``<= eta / K`` (the PixelDP
     reference's union bound over the K labels); given both hold, no perturbation of norm
     ``<= L_max`` changes the prediction.
 
     Args:
-        n_top: ``(N,)`` largest argmax count among ``n`` noise draws.
-        n_second: ``(N,)`` second-largest count (``n_top + n_second <= n``).
-        n: number of draws (scalar or ``(N,)``).
-        num_classes: K, the Bonferroni factor.
-        eta: total failure probability, ``0 < eta < 1``.
+        n_top, n_second, n, num_classes, eta: the top two of ``(N,)`` argmax counts among
+            ``n`` draws, and the confidence, see :func:`pixeldp_count_bounds`.
         mechanism, epsilon, delta, construction_bound, sensitivity: the noise calibration,
             see :func:`pixeldp_robust_size_from_bounds`.
+
+    Returns:
+        ``(N,)`` float64 ``L_max >= 0`` in input units.
     """
-    like = _template(n_top, n_second, n)
-    top, second, nn = (
-        _to_numpy(n_top, "n_top"),
-        _to_numpy(n_second, "n_second"),
-        _to_numpy(n, "n"),
-    )
-    if not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
-        raise StatisticsValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    level = _check_scalar(eta, "eta", upper=1.0) / num_classes
-    over = top + second > nn
-    if np.any(over):
-        raise StatisticsValueError(
-            "n_top + n_second must not exceed n, got "
-            f"n_top + n_second = {_first_bad(top + second, over)}"
-        )
-    p_lower = lower_confidence_bound(top, nn, level)
-    p_upper = upper_confidence_bound(second, nn, level)
-    size = pixeldp_robust_size_from_bounds(
+    p_lower, p_upper = pixeldp_count_bounds(n_top, n_second, n, num_classes=num_classes, eta=eta)
+    return pixeldp_robust_size_from_bounds(
         p_lower,
         p_upper,
         mechanism=mechanism,
@@ -380,7 +524,6 @@ def pixeldp_robust_size(
         construction_bound=construction_bound,
         sensitivity=sensitivity,
     )
-    return _restore(size, like)
 
 
 # --------------------------------------------------------------------------- norms

@@ -16,7 +16,17 @@ Noise layer (pre-noise sensitivity ``Delta``, budget ``epsilon, delta``, bound `
 
 Placement: on the image (``Delta = 1``, the pre-noise function is the identity) or right after
 the model's first ``Conv2d`` / ``Linear`` (a possible parameter-free ``Flatten`` before it),
-where ``Delta`` is the operator norm of that layer (:func:`operator_norm_bound`).
+where ``Delta`` is the operator norm of that layer (:func:`operator_norm_bound`). The noise
+calibration, sensitivity bounds and weight projections live in
+:mod:`defenses.pixeldp_sensitivity` (re-exported here); the certificate's maths (bounds on the
+expected scores, the robustness test, ``L_max``, norm conversion) in :mod:`bench.certificates`.
+
+**Certificate** (:meth:`PixelDP.certificate_from_samples`), as in the paper: ``n_draws``
+noisy passes; bounds ``p_lower`` on the top label's expected score and ``p_upper`` on every
+other label's (argmax counts with Clopper–Pearson, or softmax sums with Hoeffding / empirical
+Bernstein, Bonferroni over ``K``); the robustness test ``p_lower > e^{2 epsilon} p_upper +
+(1 + e^epsilon) delta`` at the construction bound and the largest certified size ``L_max``;
+``L_max`` converted to l1, l2 and linf.
 
 **Soundness rule.** A certificate is computed from the noise scale *actually applied* and a
 *provable* upper bound ``Delta_true`` on the pre-noise layer's operator norm *as it is when
@@ -45,18 +55,46 @@ bounds, each at ``eta / K``, which doubles that again: ``>= 1 - 4 eta``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.certificates import (
+    MECHANISMS,
+    ScoreBounds,
+    convert_radius,
+    gaussian_radius_from_bound,
+    pixeldp_bounds_from_counts,
+    pixeldp_bounds_from_softmax,
+    pixeldp_is_robust,
+    pixeldp_robust_size_from_bounds,
+)
 from bench.errors import ConfigError
 from bench.models import first_layer_index
 from bench.noise import NoiseLayer
 from bench.registry import register_defense
-from defenses.base import NORMS, Certificate, Defense, TrainProgress
+from bench.sampling import ESTIMATION, Samples, sample
+from bench.threat import NORMS
+from bench.validation import check_bool, check_choice, check_int, check_number
+from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
+from defenses.pixeldp_sensitivity import (
+    PixelDPConfigError,
+    SensitivityScale,
+    check_zero_padding,
+    conv_overlap_factor,
+    noise_scale,
+    operator_norm_bound,
+    parseval_step,
+    project_columns,
+    project_sensitivity,
+    project_spectral,
+    sensitivity_bound,
+)
 
+# The sensitivity helpers are re-exported: tests and users import them from here.
 __all__ = [
     "PixelDP",
     "PixelDPConfigError",
@@ -69,7 +107,6 @@ __all__ = [
     "warmup_multiplier",
 ]
 
-MECHANISMS = ("gaussian", "laplace")
 ATTACK_NORMS = ("l1", "l2")
 PLACEMENTS = ("first-layer", "image")
 SENSITIVITY_CONTROLS = ("bound", "optimise")
@@ -79,32 +116,7 @@ SPECTRAL_PROJECTIONS = ("parseval", "exact")
 _OUTPUT_NORM = {("gaussian", "l2"): "l2", ("gaussian", "l1"): "l2", ("laplace", "l1"): "l1"}
 
 
-class PixelDPConfigError(ConfigError, ValueError):
-    """An invalid PixelDP hyper-parameter or model (a ``ValueError`` and a ``ConfigError``)."""
-
-
-# --------------------------------------------------------------------------- pure helpers
-def noise_scale(
-    *,
-    mechanism: str,
-    epsilon: float,
-    delta: float,
-    construction_bound: float,
-    sensitivity: float = 1.0,
-) -> float:
-    """Noise scale of the PixelDP noise layer.
-
-    Gaussian: standard deviation ``sigma = Delta L sqrt(2 ln(1.25 / delta)) / epsilon``;
-    Laplace: scale ``b = Delta L / epsilon`` (``delta`` unused). Units: those of the noise
-    layer's input (pixels in [0, 1] for image placement).
-    """
-    if mechanism == "gaussian":
-        return sensitivity * construction_bound * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
-    if mechanism == "laplace":
-        return sensitivity * construction_bound / epsilon
-    raise PixelDPConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
-
-
+# --------------------------------------------------------------------------- training
 def warmup_multiplier(step: int) -> float:
     """The reference's training noise ramp: ``s = 1 - min(0.99975^step, 0.9)``, 1 once ``> 0.9``.
 
@@ -113,224 +125,6 @@ def warmup_multiplier(step: int) -> float:
     """
     s = 1.0 - min(0.99975 ** max(0, int(step)), 0.9)
     return 1.0 if s > 0.9 else s
-
-
-def conv_overlap_factor(layer: nn.Conv2d) -> float:
-    """``sqrt(m_h m_w)``, where ``m`` bounds how many output positions read one input pixel.
-
-    Per spatial dimension with kernel ``k``, stride ``s`` and dilation ``d``, an input
-    coordinate is read by tap ``j`` from at most one output position, and the positions
-    reading it have ``p s`` in a window of length ``d (k - 1)``, so
-    ``m = min(k, floor(d (k - 1) / s) + 1)``; for ``d = 1`` this is ``ceil(k / s)``.
-    """
-    factors = []
-    for k, s, d in zip(layer.kernel_size, layer.stride, layer.dilation, strict=True):
-        factors.append(min(k, (d * (k - 1)) // s + 1))
-    return math.sqrt(factors[0] * factors[1])
-
-
-def operator_norm_bound(
-    layer: nn.Module, *, attack_norm: str, output_norm: str, weight: Tensor | None = None
-) -> Tensor:
-    """Provable upper bound on ``sup ||T u||_q / ||u||_p`` of the linear part ``T`` of ``layer``.
-
-    ``p = attack_norm``, ``q = output_norm``; pairs (l2, l2), (l1, l2) and (l1, l1). The bias
-    shifts every output equally and does not enter. Differentiable in ``layer.weight`` (the
-    ``"optimise"`` option puts it in the autograd graph); computed in the weight's dtype.
-
-    * ``Linear`` ``W`` (out, in): exact. ``Delta_{2,2} = ||W||_2`` (largest singular value),
-      ``Delta_{1,2}`` = largest column 2-norm, ``Delta_{1,1}`` = largest column 1-norm (the
-      l1 unit ball is the convex hull of ``±e_i``).
-    * ``Conv2d`` ``W`` (out, in/g, kh, kw), zero padding. With ``patch_p(u)`` the
-      ``in/g * kh * kw`` input values read by output position ``p`` and ``W_mat`` the kernel
-      reshaped to ``(out, in/g * kh * kw)``::
-
-          ||T u||_2^2 = sum_p ||W_mat patch_p(u)||_2^2 <= ||W_mat||_2^2 sum_p ||patch_p(u)||_2^2
-                      <= ||W_mat||_2^2 * m_h m_w * ||u||_2^2,
-
-      because every input pixel lies in at most ``m_h m_w`` patches
-      (:func:`conv_overlap_factor`; ``ceil(k/s)^2`` for a square undilated kernel). Hence
-      ``Delta_{2,2} <= sqrt(m_h m_w) ||W_mat||_2``. For the l1 input norm,
-      ``||T||_{1->q} = max_i ||T e_i||_q`` over input pixels. Tap ``(a, b)`` reads input row
-      ``p s + a d - pad`` from output row ``p``, so it reads pixel ``(c, i, j)`` from at most
-      one output position, and only if ``a d = i + pad (mod s_h)`` and likewise for ``b``:
-      the taps reading a pixel lie in one *stride class* ``A(r_h) x B(r_w)``,
-      ``A(r) = {a : a d_h mod s_h = r}``. Hence (:func:`_column_class_norms`)
-      ``Delta_{1,1} <= max_{c, r_h, r_w} sum_{o, a in A, b in B} |W[o, c, a, b]|`` and
-      ``Delta_{1,2} <= max_{c, r_h, r_w} sqrt(sum_{o, a in A, b in B} W[o, c, a, b]^2)``
-      (for stride 1 the class is the whole kernel: ``max_c`` of the channel's norm; equality
-      when some pixel is read by every tap of its class, e.g. interior pixels). Grouped
-      convolutions: the sums run over all output channels (a superset of the group's), so
-      the bounds still hold.
-
-    Args:
-        layer: the ``nn.Linear`` or ``nn.Conv2d``.
-        attack_norm, output_norm: ``p`` and ``q``.
-        weight: evaluate the bound for this weight instead of ``layer.weight`` (same shape;
-            e.g. a float64 copy).
-
-    Returns:
-        A scalar tensor ``>= 0``.
-    """
-    pair = (attack_norm, output_norm)
-    if pair not in (("l2", "l2"), ("l1", "l2"), ("l1", "l1")):
-        raise PixelDPConfigError(
-            f"no operator-norm bound for attack norm {attack_norm!r} -> output norm "
-            f"{output_norm!r}; supported: (l2, l2), (l1, l2), (l1, l1)"
-        )
-    w = layer.weight if weight is None else weight
-    if isinstance(layer, nn.Linear):
-        if pair == ("l2", "l2"):
-            return torch.linalg.matrix_norm(w, ord=2)
-        if pair == ("l1", "l2"):
-            return w.pow(2).sum(dim=0).sqrt().max()
-        return w.abs().sum(dim=0).max()
-    if isinstance(layer, nn.Conv2d):
-        _check_conv(layer)
-        if pair == ("l2", "l2"):
-            mat = w.reshape(w.shape[0], -1)
-            return conv_overlap_factor(layer) * torch.linalg.matrix_norm(mat, ord=2)
-        return _column_class_norms(layer, w, output_norm).max()
-    raise PixelDPConfigError(
-        f"PixelDP bounds the sensitivity of Conv2d and Linear layers only, got "
-        f"{type(layer).__name__}"
-    )
-
-
-def _check_conv(layer: nn.Conv2d) -> None:
-    if layer.padding_mode != "zeros":
-        raise PixelDPConfigError(
-            f"the first Conv2d has padding_mode={layer.padding_mode!r}; PixelDP's sensitivity "
-            "bound needs padding_mode='zeros' (reflect/circular padding reads pixels twice)"
-        )
-
-
-def _stride_classes(kernel: int, stride: int, dilation: int, device: torch.device) -> Tensor:
-    """``(stride, kernel)`` 0/1 matrix: row ``r`` marks the taps ``a`` with ``a d mod s = r``."""
-    taps = torch.arange(kernel, device=device)
-    return ((taps * dilation) % stride)[None, :] == torch.arange(stride, device=device)[:, None]
-
-
-def _column_class_norms(layer: nn.Conv2d, w: Tensor, output_norm: str) -> Tensor:
-    """``(in/g, s_h, s_w)`` norms of the kernel restricted to each channel and stride class.
-
-    Entry ``[c, r_h, r_w]`` is the q-norm (``output_norm``) of ``W[:, c, A(r_h), B(r_w)]``,
-    which bounds ``||T e_i||_q`` for every input pixel ``i`` of channel ``c`` whose taps lie in
-    that class (see :func:`operator_norm_bound`). Differentiable in ``w``.
-    """
-    mh = _stride_classes(layer.kernel_size[0], layer.stride[0], layer.dilation[0], w.device)
-    mw = _stride_classes(layer.kernel_size[1], layer.stride[1], layer.dilation[1], w.device)
-    mh, mw = mh.to(w.dtype), mw.to(w.dtype)
-    if output_norm == "l1":
-        return torch.einsum("ocab,ha,wb->chw", w.abs(), mh, mw)
-    return torch.einsum("ocab,ha,wb->chw", w.pow(2), mh, mw).sqrt()
-
-
-@torch.no_grad()
-def parseval_step(layer: nn.Module, *, beta: float, iterations: int) -> None:
-    """The reference's approximate spectral projection, in place (``Delta_{2,2}`` target 1).
-
-    On ``M = c W_mat`` (``c`` = :func:`conv_overlap_factor` for a conv, 1 for a linear
-    layer), repeat ``iterations`` times ``M <- (1 + beta) M - beta M M^T M`` (pushes every
-    singular value towards 1), then ``W_mat = M / c``. Keeping ``M``, not ``W``, Parseval-tight
-    is the reference's "divide the kernel by ceil(k/s)". Approximate: the certificate uses the
-    true bound afterwards (soundness rule).
-    """
-    w = layer.weight
-    c = conv_overlap_factor(layer) if isinstance(layer, nn.Conv2d) else 1.0
-    m = w.reshape(w.shape[0], -1) * c
-    for _ in range(iterations):
-        # Multiply in the cheaper order (the Gram matrix of the smaller side).
-        mmm = (m @ m.T) @ m if m.shape[0] <= m.shape[1] else m @ (m.T @ m)
-        m = (1.0 + beta) * m - beta * mmm
-    w.copy_((m / c).reshape(w.shape))
-
-
-@torch.no_grad()
-def project_spectral(layer: nn.Module) -> None:
-    """Exact projection onto ``{sqrt(m_h m_w) ||W_mat||_2 <= 1}``: clip singular values at 1."""
-    w = layer.weight
-    c = conv_overlap_factor(layer) if isinstance(layer, nn.Conv2d) else 1.0
-    m = w.reshape(w.shape[0], -1).double() * c
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    m = (u * s.clamp(max=1.0)) @ vh
-    w.copy_((m / c).reshape(w.shape).to(w.dtype))
-
-
-@torch.no_grad()
-def project_columns(layer: nn.Module, *, output_norm: str) -> None:
-    """Column normalisation: scale each input column down to norm ``<= 1`` (l1 attacks).
-
-    Linear: column ``W[:, j]``. Conv2d: the kernel entries of input channel ``c`` in each
-    stride class (all entries when the stride is 1), i.e. exactly the groups whose norms
-    :func:`operator_norm_bound` maximises. The norm is the 1-norm for ``Delta_{1,1}``
-    (Laplace) and the 2-norm for ``Delta_{1,2}`` (Gaussian); groups already inside the unit
-    ball are left unchanged (a Euclidean projection per group for the 2-norm, a rescaling
-    for the 1-norm). Afterwards the bound is ``<= 1`` up to rounding.
-    """
-    w = layer.weight
-    if isinstance(layer, nn.Linear):
-        if output_norm == "l1":
-            norms = w.abs().sum(dim=0, keepdim=True)
-        else:
-            norms = w.pow(2).sum(dim=0, keepdim=True).sqrt()
-        w.div_(norms.clamp(min=1.0))
-        return
-    norms = _column_class_norms(layer, w, output_norm)  # (c, s_h, s_w)
-    cls_h = (
-        torch.arange(layer.kernel_size[0], device=w.device) * layer.dilation[0]
-    ) % layer.stride[0]
-    cls_w = (
-        torch.arange(layer.kernel_size[1], device=w.device) * layer.dilation[1]
-    ) % layer.stride[1]
-    per_tap = norms[:, cls_h][:, :, cls_w]  # (c, kh, kw): the norm of each tap's class
-    w.div_(per_tap.clamp(min=1.0)[None])
-
-
-class _SensitivityScale:
-    """``scale_fn`` of the optimise option: the pre-noise layer's current ``Delta(W)``.
-
-    A plain object (not a closure) so that ``copy.deepcopy`` of the network rebinds it to the
-    copied layer, and so that the network stays picklable.
-    """
-
-    def __init__(self, layer: nn.Module, attack_norm: str, output_norm: str) -> None:
-        self.layer = layer
-        self.attack_norm = attack_norm
-        self.output_norm = output_norm
-
-    def __call__(self) -> Tensor:
-        return operator_norm_bound(
-            self.layer, attack_norm=self.attack_norm, output_norm=self.output_norm
-        )
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise PixelDPConfigError(
-            f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
-        )
-
-
-def _number(
-    name: str, value: Any, *, low: float, high: float, low_open: bool, high_open: bool
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise PixelDPConfigError(
-            f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}"
-        )
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PixelDPConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- the defense
@@ -424,43 +218,42 @@ class PixelDP(Defense):
         self._validate()
 
     def _validate(self) -> None:
-        _choice("mechanism", self.mechanism, MECHANISMS)
-        _choice("attack_norm", self.attack_norm, ATTACK_NORMS)
+        where = self.name
+        for field, allowed in (
+            ("mechanism", MECHANISMS),
+            ("attack_norm", ATTACK_NORMS),
+            ("placement", PLACEMENTS),
+            ("sensitivity_control", SENSITIVITY_CONTROLS),
+            ("estimator", ESTIMATORS),
+            ("spectral_projection", SPECTRAL_PROJECTIONS),
+        ):
+            check_choice(getattr(self, field), field, allowed, where=where)
         if (self.mechanism, self.attack_norm) not in _OUTPUT_NORM:
             raise PixelDPConfigError(
-                f"mechanism={self.mechanism!r} cannot certify attack_norm={self.attack_norm!r}; "
-                "allowed pairs: gaussian+l2, gaussian+l1, laplace+l1"
+                f"{where}: mechanism={self.mechanism!r} cannot certify "
+                f"attack_norm={self.attack_norm!r}; allowed pairs: gaussian+l2, gaussian+l1, "
+                "laplace+l1"
             )
-        _choice("placement", self.placement, PLACEMENTS)
-        _choice("sensitivity_control", self.sensitivity_control, SENSITIVITY_CONTROLS)
-        _choice("estimator", self.estimator, ESTIMATORS)
-        _choice("spectral_projection", self.spectral_projection, SPECTRAL_PROJECTIONS)
         if self.mechanism == "gaussian":
             # The Gaussian mechanism's (epsilon, delta) analysis needs epsilon <= 1.
-            _number("epsilon", self.epsilon, low=0.0, high=1.0, low_open=True, high_open=False)
-            _number("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
-        else:
-            _number("epsilon", self.epsilon, low=0.0, high=math.inf, low_open=True, high_open=True)
-            _number("delta", self.delta, low=0.0, high=1.0, low_open=False, high_open=True)
-        _number(
-            "construction_bound",
-            self.construction_bound,
-            low=0.0,
-            high=math.inf,
-            low_open=True,
-            high_open=True,
-        )
-        _number("eta", self.eta, low=0.0, high=1.0, low_open=True, high_open=True)
-        _integer("n_draws", self.n_draws, 1)
-        if not isinstance(self.noise_warmup, bool):
-            raise PixelDPConfigError(
-                f"noise_warmup must be true or false, got {self.noise_warmup!r}"
+            check_number(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, where=where)
+            check_number(
+                self.delta, "delta", low=0.0, high=1.0, low_open=True, high_open=True, where=where
             )
-        _number(
-            "parseval_beta", self.parseval_beta, low=0.0, high=1.0, low_open=False, high_open=True
+        else:
+            check_number(self.epsilon, "epsilon", low=0.0, low_open=True, where=where)
+            check_number(self.delta, "delta", low=0.0, high=1.0, high_open=True, where=where)
+        check_number(
+            self.construction_bound, "construction_bound", low=0.0, low_open=True, where=where
         )
-        _integer("parseval_iters", self.parseval_iters, 0)
-        _integer("block_size", self.block_size, 1)
+        check_number(self.eta, "eta", low=0.0, high=1.0, low_open=True, high_open=True, where=where)
+        check_int(self.n_draws, "n_draws", minimum=1, where=where)
+        check_bool(self.noise_warmup, "noise_warmup", where=where)
+        check_number(
+            self.parseval_beta, "parseval_beta", low=0.0, high=1.0, high_open=True, where=where
+        )
+        check_int(self.parseval_iters, "parseval_iters", minimum=0, where=where)
+        check_int(self.block_size, "block_size", minimum=1, where=where)
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -491,6 +284,17 @@ class PixelDP(Defense):
         ``1 - eta``.
         """
         return (2.0 if self.estimator == "argmax" else 4.0) * float(self.eta)
+
+    def record(self) -> DefenseRecord:
+        """Board row: ``n_draws`` draws per prediction, ``alpha = eta`` (the reference's
+        convention, see :attr:`failure_probability`), bound ``"pixeldp-<estimator>"``."""
+        return DefenseRecord(
+            n_draws=int(self.n_draws), alpha=float(self.eta), bound=self._bound_name
+        )
+
+    @property
+    def _bound_name(self) -> str:
+        return f"pixeldp-{self.estimator}"
 
     # ------------------------------------------------------------------ building
     def build(self, model: nn.Module) -> nn.Module:
@@ -523,40 +327,31 @@ class PixelDP(Defense):
                 )
         layer = model[idx]
         if isinstance(layer, nn.Conv2d):
-            _check_conv(layer)
+            check_zero_padding(layer)
         scale_fn = None
         if self.sensitivity_control == "optimise":
-            scale_fn = _SensitivityScale(layer, self.attack_norm, self.output_norm)
+            scale_fn = SensitivityScale(layer, self.attack_norm, self.output_norm)
         noise = NoiseLayer(kind, unit, scale_fn=scale_fn).to(layer.weight.device)
         self.pre_noise_ = layer
         self.noise_layer_ = noise
         if self.sensitivity_control == "bound":
-            if self.output_norm == "l2" and self.attack_norm == "l2":
-                project_spectral(layer)
-            else:
-                project_columns(layer, output_norm=self.output_norm)
+            project_sensitivity(layer, attack_norm=self.attack_norm, output_norm=self.output_norm)
         modules = list(model)
         return nn.Sequential(*modules[: idx + 1], noise, *modules[idx + 1 :])
 
     # ------------------------------------------------------------------ sensitivity
-    @torch.no_grad()
     def sensitivity(self) -> float:
         """Provable upper bound ``Delta_true`` on the pre-noise layer's operator norm, now.
 
         ``Delta_{p,q}`` for ``p = attack_norm``, ``q`` the mechanism's norm, computed in
-        float64 from the current weights with :func:`operator_norm_bound` (exact for Linear,
-        the documented bound for Conv2d); 1 for image placement (identity).
+        float64 from the current weights (:func:`defenses.pixeldp_sensitivity.sensitivity_bound`;
+        exact for Linear, the documented bound for Conv2d); 1 for image placement (identity).
         """
         if self.pre_noise_ is None:
             return 1.0
-        layer = self.pre_noise_
-        bound = operator_norm_bound(
-            layer,
-            attack_norm=self.attack_norm,
-            output_norm=self.output_norm,
-            weight=layer.weight.detach().to(torch.float64),
+        return sensitivity_bound(
+            self.pre_noise_, attack_norm=self.attack_norm, output_norm=self.output_norm
         )
-        return float(bound)
 
     @torch.no_grad()
     def current_noise_scale(self) -> float:
@@ -595,15 +390,14 @@ class PixelDP(Defense):
         norms)."""
         if self.pre_noise_ is None or self.sensitivity_control != "bound":
             return
-        if self.output_norm == "l2" and self.attack_norm == "l2":
-            if self.spectral_projection == "exact":
-                project_spectral(self.pre_noise_)
-            else:
-                parseval_step(
-                    self.pre_noise_, beta=self.parseval_beta, iterations=self.parseval_iters
-                )
-        else:
-            project_columns(self.pre_noise_, output_norm=self.output_norm)
+        project_sensitivity(
+            self.pre_noise_,
+            attack_norm=self.attack_norm,
+            output_norm=self.output_norm,
+            spectral=self.spectral_projection,
+            beta=self.parseval_beta,
+            iterations=self.parseval_iters,
+        )
 
     def logits(self, x: Tensor) -> Tensor:
         """One differentiable noisy forward pass at full noise, ``(N, K)`` logits."""
@@ -611,9 +405,9 @@ class PixelDP(Defense):
         return self.model_(x)
 
     # ------------------------------------------------------------------ prediction
-    def _sample(self, x: Tensor, seed: int, indices: Tensor | None, batch_size: int | None):
-        from bench.sampling import ESTIMATION, sample
-
+    def _sample(
+        self, x: Tensor, seed: int, indices: Tensor | None, batch_size: int | None
+    ) -> Samples:
         self.noise_layer_.multiplier = 1.0
         return sample(
             self.model_,
@@ -656,6 +450,7 @@ class PixelDP(Defense):
         seed: int = 0,
         indices: Tensor | None = None,
         batch_size: int | None = None,
+        radii: Sequence[float] | None = None,
     ) -> Certificate:
         """Certified predictions from ``n_draws`` noisy passes.
 
@@ -665,123 +460,106 @@ class PixelDP(Defense):
             x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``.
             norm: the norm the caller asks for; ``radii`` holds all of l1/l2/linf anyway.
             seed, indices: fix the draws (global example ids); batch_size: rows per forward.
+            radii: ignored: PixelDP's certificate is the largest certified size ``L_max``
+                itself, not a yes/no test per radius.
         """
-        if norm not in NORMS:
-            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        check_choice(norm, "norm", NORMS)
         with torch.no_grad():
             samples = self._sample(x, seed, indices, batch_size)
         return self.certificate_from_samples(samples, norm=norm)
 
-    def certificate_from_samples(self, samples: Any, *, norm: str | None = None) -> Certificate:
-        """The PixelDP certificate from Monte Carlo statistics (:class:`bench.sampling.Samples`).
+    def certificate_from_samples(self, samples: Samples, *, norm: str | None = None) -> Certificate:
+        """The PixelDP certificate from Monte Carlo statistics, in the paper's three steps.
 
-        argmax estimator: top label ``t`` = most frequent, ``c1`` its count, ``c2`` the largest
-        other count; ``L_max = pixeldp_robust_size(c1, c2, n, ...)`` (Clopper–Pearson at
-        ``eta / K``). softmax estimator: :func:`bench.stats.softmax_bounds`; ``t`` = largest
-        mean softmax, ``p_lower`` its lower bound, ``p_upper`` the largest upper bound of any
-        other label; ``L_max = pixeldp_robust_size_from_bounds(...)``. Both use the construction
-        bound ``L_eff`` of :meth:`certified_construction_bound` (soundness rule).
+        1. Bounds on the expected scores (:meth:`score_bounds`): top label ``t``, a lower
+           bound ``p_lower`` on its expected score, an upper bound ``p_upper`` on every other
+           label's.
+        2. The robustness test (:func:`bench.certificates.pixeldp_is_robust`) at the
+           construction bound ``L_eff`` of :meth:`certified_construction_bound` (soundness
+           rule), and the largest certified size ``L_max``
+           (:func:`bench.certificates.pixeldp_robust_size_from_bounds`) for the noise as
+           applied.
+        3. ``L_max`` (``attack_norm``) converted to l1, l2 and linf
+           (:func:`bench.certificates.convert_radius`, ``d = C*H*W``).
 
         Returns:
             :class:`Certificate` with ``labels`` ``(N,)`` int64, ``radii`` for l1, l2 and linf
-            (float64, input units; ``attack_norm`` directly, the others by
-            :func:`bench.certificates.convert_radius` with ``d = C*H*W``), ``bound``
-            ``"pixeldp-argmax"`` / ``"pixeldp-softmax"`` and ``extra``: ``p_lower``,
-            ``p_upper`` and, for the Gaussian mechanism, ``gaussian_tight``: the tight
-            Gaussian (Cohen et al. Thm 1 / Salman et al. Lemma 2) radius on the same draws and
-            bounds, ``max(sigma Phi^-1(p_lower), sigma (Phi^-1(p_lower) - Phi^-1(p_upper)) / 2)
-            / Delta_true`` (``sigma`` the applied noise, clipped at 0), converted to ``norm``
-            (default ``attack_norm``). All hold with probability ``>= 1 -``
+            (float64, input units), ``bound`` ``"pixeldp-argmax"`` / ``"pixeldp-softmax"`` and
+            ``extra``: ``p_lower``, ``p_upper``; ``robust_at_construction_bound`` (bool, the
+            test of step 2 at ``L_eff``; the Gaussian search tries ``(epsilon, delta)`` itself
+            when ``delta`` lies on its ``delta'`` grid 0.001 … 0.299, e.g. the default 0.05,
+            and then ``L_max >= L_eff`` wherever the test holds, up to the search's
+            resolution in ``eps'``; ``L_max`` may exceed ``L_eff`` where it fails, through
+            another ``(eps', delta')``); and, for the Gaussian mechanism,
+            ``gaussian_tight`` (:meth:`gaussian_tight_radius`, converted to ``norm``, default
+            ``attack_norm``). All hold with probability ``>= 1 -``
             :attr:`failure_probability`.
         """
-        from bench.certificates import (
-            convert_radius,
-            gaussian_radius_from_bound,
-            pixeldp_robust_size,
-            pixeldp_robust_size_from_bounds,
+        device = samples.counts.device
+        bounds = self.score_bounds(samples)
+        budget = dict(
+            mechanism=self.mechanism, epsilon=float(self.epsilon), delta=float(self.delta)
         )
-        from bench.stats import lower_confidence_bound, softmax_bounds, upper_confidence_bound
-
-        k = self.num_classes_
-        n = int(samples.n)
-        counts = samples.counts
-        device = counts.device
-        if self.estimator == "argmax":
-            stat = counts.to(torch.float64)
-        else:
-            if samples.softmax_sum is None or samples.softmax_sq_sum is None:
-                raise ConfigError("the softmax estimator needs samples taken with softmax=True")
-            stat = samples.softmax_sum.to(torch.float64)
-        stat = stat.cpu()
-        labels = stat.argmax(dim=1)
-        others = torch.ones_like(stat, dtype=torch.bool)
-        others[torch.arange(stat.shape[0]), labels] = False
-        if self.estimator == "argmax":
-            c = counts.cpu().to(torch.float64)
-            c1 = c.gather(1, labels[:, None])[:, 0]
-            c2 = torch.where(others, c, torch.full_like(c, -1.0)).max(dim=1).values.clamp(min=0)
-            level = float(self.eta) / k
-            p_lower = torch.as_tensor(lower_confidence_bound(c1.numpy(), n, level))
-            # Clopper–Pearson upper bounds grow with the count, so c2's bounds every other label.
-            p_upper = torch.as_tensor(upper_confidence_bound(c2.numpy(), n, level))
-        else:
-            lo, hi = softmax_bounds(
-                samples.softmax_sum.cpu().numpy(),
-                samples.softmax_sq_sum.cpu().numpy(),
-                n,
-                num_classes=k,
-                eta=float(self.eta),
-            )
-            lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
-            p_lower = lo.gather(1, labels[:, None])[:, 0]
-            # Empirical-Bernstein bounds are not monotone in the mean: take the max over others.
-            p_upper = torch.where(others, hi, torch.zeros_like(hi)).max(dim=1).values
-        p_lower = p_lower.to(torch.float64)
-        p_upper = p_upper.to(torch.float64)
-        calibration = dict(
-            mechanism=self.mechanism,
-            epsilon=float(self.epsilon),
-            delta=float(self.delta),
+        robust = pixeldp_is_robust(bounds.p_lower, bounds.p_upper, **budget)
+        size = pixeldp_robust_size_from_bounds(
+            bounds.p_lower,
+            bounds.p_upper,
             construction_bound=self.certified_construction_bound(),
+            **budget,
         )
-        if self.estimator == "argmax":
-            size = pixeldp_robust_size(
-                c1.numpy(), c2.numpy(), n, num_classes=k, eta=float(self.eta), **calibration
-            )
-        else:
-            size = pixeldp_robust_size_from_bounds(p_lower.numpy(), p_upper.numpy(), **calibration)
-        size = torch.as_tensor(size, dtype=torch.float64).reshape(-1)
         dim = math.prod(self.input_shape_)
         radii = {
-            to: torch.as_tensor(
-                convert_radius(size.numpy(), from_norm=self.attack_norm, to_norm=to, dim=dim),
-                dtype=torch.float64,
-            )
-            .reshape(-1)
-            .to(device)
+            to: convert_radius(size, from_norm=self.attack_norm, to_norm=to, dim=dim)
             for to in NORMS
         }
-        extra = {"p_lower": p_lower.to(device), "p_upper": p_upper.to(device)}
+        extra = {
+            "p_lower": bounds.p_lower,
+            "p_upper": bounds.p_upper,
+            "robust_at_construction_bound": robust,
+        }
         if self.mechanism == "gaussian":
-            # Tight radius for unit sigma and Delta, then scaled: sigma / Delta_true.
-            one = gaussian_radius_from_bound(p_lower.numpy(), 1.0)
-            two = gaussian_radius_from_bound(p_lower.numpy(), 1.0, p_upper=p_upper.numpy())
-            base = torch.as_tensor(one).maximum(torch.as_tensor(two)).clamp(min=0.0)
-            delta_true = self.sensitivity()
-            if delta_true > 0.0:
-                tight = base * (self.current_noise_scale() / delta_true)
-            else:  # constant pre-noise output: nothing an attacker does changes the scores
-                tight = torch.where(base > 0, torch.full_like(base, math.inf), base)
             target = norm if norm is not None else self.attack_norm
-            tight = convert_radius(
-                tight.numpy(), from_norm=self.attack_norm, to_norm=target, dim=dim
-            )
-            extra["gaussian_tight"] = (
-                torch.as_tensor(tight, dtype=torch.float64).reshape(-1).to(device)
+            tight = self.gaussian_tight_radius(bounds)
+            extra["gaussian_tight"] = convert_radius(
+                tight, from_norm=self.attack_norm, to_norm=target, dim=dim
             )
         return Certificate(
-            labels=labels.to(device),
-            radii=radii,
-            bound=f"pixeldp-{self.estimator}",
-            extra=extra,
+            labels=bounds.labels.to(device),
+            radii={k: v.to(device) for k, v in radii.items()},
+            bound=self._bound_name,
+            extra={k: v.to(device) for k, v in extra.items()},
         )
+
+    def score_bounds(self, samples: Samples) -> ScoreBounds:
+        """Step 1: top label and bounds on the expected scores, ``(N,)`` CPU tensors.
+
+        argmax estimator: :func:`bench.certificates.pixeldp_bounds_from_counts` (most frequent
+        label; Clopper–Pearson at ``eta / K``). softmax estimator:
+        :func:`bench.certificates.pixeldp_bounds_from_softmax` (largest mean softmax; tighter
+        of Hoeffding and empirical Bernstein at ``eta / K``).
+        """
+        n, eta = int(samples.n), float(self.eta)
+        if self.estimator == "argmax":
+            return pixeldp_bounds_from_counts(samples.counts.cpu(), n, eta=eta)
+        if samples.softmax_sum is None or samples.softmax_sq_sum is None:
+            raise ConfigError("the softmax estimator needs samples taken with softmax=True")
+        return pixeldp_bounds_from_softmax(
+            samples.softmax_sum.cpu(), samples.softmax_sq_sum.cpu(), n, eta=eta
+        )
+
+    def gaussian_tight_radius(self, bounds: ScoreBounds) -> Tensor:
+        """The tight Gaussian radius on the same bounds, ``(N,)`` float64, ``attack_norm`` units.
+
+        Cohen et al. Thm 1 / Salman et al. Lemma 2 for the applied noise ``sigma`` and the true
+        sensitivity: ``max(sigma Phi^-1(p_lower), sigma (Phi^-1(p_lower) - Phi^-1(p_upper)) / 2)
+        / Delta_true``, clipped at 0; ``+inf`` where positive and ``Delta_true = 0`` (nothing
+        an attacker does changes the scores). Holds when the bounds do.
+        """
+        # Tight radius for unit sigma and Delta, then scaled: sigma / Delta_true.
+        one = gaussian_radius_from_bound(bounds.p_lower, 1.0)
+        two = gaussian_radius_from_bound(bounds.p_lower, 1.0, p_upper=bounds.p_upper)
+        base = one.maximum(two).clamp(min=0.0)
+        delta_true = self.sensitivity()
+        if delta_true > 0.0:
+            return base * (self.current_noise_scale() / delta_true)
+        return torch.where(base > 0, torch.full_like(base, math.inf), base)

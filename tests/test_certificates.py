@@ -16,12 +16,16 @@ from statsmodels.stats.proportion import proportion_confint
 from bench.certificates import (
     convert_radius,
     gaussian_radius_from_bound,
+    pixeldp_bounds_from_counts,
+    pixeldp_bounds_from_softmax,
+    pixeldp_count_bounds,
     pixeldp_is_robust,
     pixeldp_robust_size,
     pixeldp_robust_size_from_bounds,
     smoothing_radius,
 )
 from bench.errors import CertbenchError, ConfigError
+from bench.stats import softmax_bounds
 
 # REFERENCE.md §1: n = 2000, K = 10, L = 0.1, eps = 1, delta = 0.05, eta = 0.05, argmax
 # counts with second = n - top.
@@ -42,7 +46,8 @@ def test_pixeldp_reference_values(top: int, gaussian: float, laplace: float) -> 
     for mechanism, expected in (("gaussian", gaussian), ("laplace", laplace)):
         got = pixeldp_robust_size(top, n - top, n, mechanism=mechanism, eta=0.05, **PIXELDP)
         # Published to 4 decimals from a bisection with tolerance 0.001 on eps' (which moves
-        # L' by at most 0.001 * 1.45 L = 1.5e-4): 5e-4 covers rounding plus tolerance.
+        # L' by at most 0.001 * 1.45 L / eps = 1.5e-4 at eps = 1): 5e-4 covers rounding plus
+        # tolerance.
         assert abs(float(got) - expected) <= 5e-4, (mechanism, top, float(got))
 
 
@@ -185,6 +190,68 @@ def test_pixeldp_validation() -> None:
         _gauss(1.2, 0.1)
     with pytest.raises(ValueError, match=r"n_top \+ n_second"):
         pixeldp_robust_size(60, 50, 100, mechanism="gaussian", eta=0.05, **PIXELDP)
+
+
+def test_pixeldp_bounds_from_counts_are_bonferroni_clopper_pearson_of_the_top_two() -> None:
+    rng = np.random.default_rng(7)
+    n, k, eta = 300, 10, 0.05
+    counts = rng.multinomial(n, rng.dirichlet(np.full(k, 0.3), size=60))
+    counts[0] = 0
+    counts[0, [4, 7]] = 150  # a tie: the first label wins, and certifies nothing
+    got = pixeldp_bounds_from_counts(counts, n, eta=eta)
+    ranked = np.sort(counts, axis=1)
+    np.testing.assert_array_equal(got.labels, counts.argmax(axis=1))
+    assert got.labels.dtype == np.int64 and got.labels[0] == 4
+    # one-sided level eta/K == two-sided statsmodels alpha 2 eta/K
+    pl = proportion_confint(ranked[:, -1], n, alpha=2 * eta / k, method="beta")[0]
+    pu = proportion_confint(ranked[:, -2], n, alpha=2 * eta / k, method="beta")[1]
+    np.testing.assert_allclose(got.p_lower, pl, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.p_upper, pu, rtol=1e-9, atol=1e-12)
+    assert got.p_lower[0] < got.p_upper[0]
+    pair = pixeldp_count_bounds(ranked[:, -1], ranked[:, -2], n, num_classes=k, eta=eta)
+    np.testing.assert_array_equal(pair[0], got.p_lower)
+    np.testing.assert_array_equal(pair[1], got.p_upper)
+    # Tensors in, tensors out; one label: no runner-up, p_upper from a count of 0.
+    as_tensor = pixeldp_bounds_from_counts(torch.from_numpy(counts), n, eta=eta)
+    assert torch.equal(as_tensor.labels, torch.from_numpy(got.labels))
+    assert torch.equal(as_tensor.p_upper, torch.from_numpy(got.p_upper))
+    single = pixeldp_bounds_from_counts(np.array([[n]]), n, eta=eta)  # K = 1: level eta
+    assert single.labels[0] == 0 and single.p_upper[0] == pytest.approx(1 - eta ** (1 / n))
+    with pytest.raises(ValueError, match=r"counts must have shape \(N, K\)"):
+        pixeldp_bounds_from_counts(np.array([n]), n, eta=eta)
+
+
+def test_pixeldp_bounds_from_softmax_bound_every_other_label() -> None:
+    rng = np.random.default_rng(8)
+    n, k, eta = 200, 10, 0.05
+    draws = rng.dirichlet(np.full(k, 0.4), size=(30, n))  # (N, n, K) softmax vectors
+    s, sq = draws.sum(axis=1), (draws**2).sum(axis=1)
+    got = pixeldp_bounds_from_softmax(s, sq, n, eta=eta)
+    lo, hi = softmax_bounds(s, sq, n, num_classes=k, eta=eta)
+    rows = np.arange(30)
+    np.testing.assert_array_equal(got.labels, s.argmax(axis=1))
+    np.testing.assert_array_equal(got.p_lower, lo[rows, got.labels])
+    others = np.ones_like(hi, dtype=bool)
+    others[rows, got.labels] = False
+    expected = np.array([hi[i][others[i]].max() for i in rows])
+    np.testing.assert_array_equal(got.p_upper, expected)
+
+
+@pytest.mark.parametrize("eps", [0.25, 0.5, 1.0])
+def test_gaussian_l_max_is_at_most_about_1_45_l_over_epsilon(eps: float) -> None:
+    # eps' <= 1 and (1 + e^eps') delta' <= p_lower <= 1 cap L' = sigma eps' / sqrt(2
+    # ln(1.25/delta')) at L sqrt(ln(1.25/delta)) / (eps sqrt(ln(1.25 (1 + e)))) ~ 1.447 L / eps
+    # for delta = 0.05; the certain prediction (p_lower = 1, p_upper = 0) comes close.
+    big_l = PIXELDP["construction_bound"]
+    cap = (
+        big_l * math.sqrt(math.log(1.25 / 0.05)) / (eps * math.sqrt(math.log(1.25 * (1 + math.e))))
+    )
+    assert cap == pytest.approx(1.4474 * big_l / eps, rel=1e-4)
+    best = float(_gauss(1.0, 0.0, epsilon=eps))
+    assert 0.998 * cap <= best <= cap
+    rng = np.random.default_rng(4)
+    pl = rng.uniform(0.0, 1.0, 2000)
+    assert np.all(_gauss(pl, rng.uniform(0.0, 1.0, 2000) * (1 - pl), epsilon=eps) <= cap)
 
 
 # --------------------------------------------------------------------------- smoothing

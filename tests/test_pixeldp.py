@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from bench.certificates import convert_radius, pixeldp_robust_size
+from bench.certificates import convert_radius, pixeldp_is_robust, pixeldp_robust_size
 from bench.errors import ConfigError
 from bench.models import create_model
 from bench.registry import create_defense, list_defenses
 from bench.sampling import RESCORE, Samples, sample
 from bench.stats import softmax_bounds
-from defenses.base import TrainProgress
+from defenses import pixeldp, pixeldp_sensitivity
+from defenses.base import DefenseRecord, TrainProgress
 from defenses.pixeldp import (
     PixelDP,
     conv_overlap_factor,
@@ -299,6 +300,20 @@ def test_certify_rejects_unknown_norm():
         d.certify(torch.rand(1, *SHAPE), norm="l3")
 
 
+@pytest.mark.parametrize("estimator", ["argmax", "softmax"])
+def test_record_declares_draws_eta_and_the_certificates_bound(estimator):
+    d = _defense(placement="image", estimator=estimator, n_draws=16, eta=0.01)
+    cert = d.certify(torch.rand(2, *SHAPE), norm="l2")
+    assert d.record() == DefenseRecord(n_draws=16, alpha=0.01, bound=cert.bound)
+    assert cert.bound == f"pixeldp-{estimator}"
+
+
+def test_sensitivity_helpers_are_reexported_by_the_defense_module():
+    for name in pixeldp.__all__:
+        if name not in ("PixelDP", "warmup_multiplier"):
+            assert getattr(pixeldp, name) is getattr(pixeldp_sensitivity, name), name
+
+
 def test_failure_probability_is_the_strict_union_bound():
     assert PixelDP(eta=0.05).failure_probability == pytest.approx(0.1)
     assert PixelDP(eta=0.05, estimator="softmax").failure_probability == pytest.approx(0.2)
@@ -495,6 +510,75 @@ def test_soundness_rule_shrinks_construction_bound_when_sensitivity_exceeds_nomi
     with torch.no_grad():
         d.pre_noise_.weight.mul_(2.5)
     assert d.certified_construction_bound() == pytest.approx(0.1, rel=1e-5)
+
+
+def _clopper_pearson(c1, c2, n, level):
+    """Independent oracle: scipy's Beta quantiles (0 / 1 at the ends)."""
+    lower = np.where(c1 > 0, stats.beta.ppf(level, np.maximum(c1, 1), n - c1 + 1), 0.0)
+    upper = np.where(c2 < n, stats.beta.ppf(1 - level, c2 + 1, np.maximum(n - c2, 1)), 1.0)
+    return lower, upper
+
+
+@pytest.mark.parametrize(
+    "mechanism, attack_norm, epsilon, shrink",
+    [
+        ("gaussian", "l2", 1.0, False),
+        ("gaussian", "l1", 0.7, False),
+        ("gaussian", "l2", 1.0, True),
+        ("laplace", "l1", 1.5, False),
+    ],
+)
+def test_certificate_decides_robustness_at_l_with_the_pixeldp_test(
+    mechanism, attack_norm, epsilon, shrink
+):
+    """Over a grid of counts, the certificate's yes/no at the construction bound is PixelDP's
+    robustness test (REFERENCE.md §1) on Clopper–Pearson bounds at eta/K, and L_max agrees."""
+    n = 2000
+    d = _defense(
+        placement="first-layer" if shrink else "image",
+        mechanism=mechanism,
+        attack_norm=attack_norm,
+        epsilon=epsilon,
+    )
+    if shrink:  # Delta_true > 1: the test then certifies L_eff < L (soundness rule)
+        with torch.no_grad():
+            d.pre_noise_.weight.mul_(2.5)
+    big_l = d.certified_construction_bound()
+    assert (big_l < 0.1 * (1 - 1e-3)) == shrink
+    grid = [(c1, c2) for c1 in range(0, n + 1, 25) for c2 in range(0, n - c1 + 1, 40)]
+    counts = torch.zeros(len(grid), K, dtype=torch.int64)
+    counts[:, 1] = torch.tensor([g[0] for g in grid])
+    counts[:, 6] = torch.tensor([g[1] for g in grid])
+    counts[:, 9] = n - counts[:, 1] - counts[:, 6]
+    cert = d.certificate_from_samples(Samples(counts, n), norm=attack_norm)
+    robust = cert.extra["robust_at_construction_bound"]
+    assert robust.dtype == torch.bool and robust.any() and (~robust).any()
+
+    # The flag is the robustness test, called on the certificate's own bounds ...
+    p_lower, p_upper = cert.extra["p_lower"], cert.extra["p_upper"]
+    called = pixeldp_is_robust(
+        p_lower, p_upper, epsilon=epsilon, delta=d.delta, mechanism=mechanism
+    )
+    assert torch.equal(robust, called)
+    # ... and those are Clopper–Pearson at eta/K of the top two counts (scipy oracle).
+    top2 = counts.sort(dim=1, descending=True).values[:, :2].numpy()
+    lower, upper = _clopper_pearson(top2[:, 0], top2[:, 1], n, d.eta / K)
+    np.testing.assert_allclose(p_lower.numpy(), lower, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(p_upper.numpy(), upper, rtol=1e-9, atol=1e-15)
+    dlt = d.delta if mechanism == "gaussian" else 0.0
+    margin = lower - (math.exp(2 * epsilon) * upper + (1 + math.exp(epsilon)) * dlt)
+    clear = np.abs(margin) > 1e-9
+    np.testing.assert_array_equal(robust.numpy()[clear], (margin > 0)[clear])
+
+    # L_max is consistent with the test at L_eff.
+    size = cert.radii[attack_norm].numpy()
+    if mechanism == "gaussian":
+        # (epsilon, delta) is itself a candidate of the search, found to 2^-14 in eps'.
+        assert np.all(size[robust.numpy()] >= big_l * (1 - 2 * 2.0**-14 / epsilon))
+    else:
+        # Laplace: L_max = L ln(p_lower / p_upper) / (2 epsilon) > L iff the test passes.
+        away = np.abs(size - big_l) > 1e-9 * big_l
+        np.testing.assert_array_equal(robust.numpy()[away], (size > big_l)[away])
 
 
 # --------------------------------------------------------------------------- reference values
