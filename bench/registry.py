@@ -216,7 +216,10 @@ class Registry(Generic[T]):
                     f"{self.kind} name {name!r} is registered twice: by {prev.source} "
                     f"(package {prev.package}) and by {source}"
                 )
-            package = self._importing[-1] if self._importing else _package_of(source)
+            package = _package_of(source)
+            if package != DISTRIBUTION and self._importing:
+                # the plugin being imported; certbench modules it imports stay certbench's
+                package = self._importing[-1]
             if isinstance(obj, type):
                 obj.name = name  # type: ignore[attr-defined]
             self._entries[name] = Entry(name=name, obj=obj, source=source, package=package)
