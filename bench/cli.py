@@ -91,7 +91,9 @@ def _write_output(path: str | None, payload: dict[str, Any]) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _dataset(args: argparse.Namespace):
+def _dataset(args: argparse.Namespace, *, train: bool = True):
+    """The dataset of ``--dataset``/``--data-dir``; ``train=False`` reads only the test files
+    (evaluating a checkpoint needs no training data)."""
     from bench.data import load_dataset
 
     return load_dataset(
@@ -99,6 +101,7 @@ def _dataset(args: argparse.Namespace):
         args.data_dir,
         limit_train=getattr(args, "limit_train", None),
         limit_test=getattr(args, "limit", None),
+        train=train,
     )
 
 
@@ -225,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bench.metrics import accuracy
     from bench.pipeline import predict_all
 
-    ds = _dataset(args)
+    ds = _dataset(args, train=False)
     d, record = _load_for_eval(args, ds)
     t0 = time.perf_counter()
     pred = predict_all(
@@ -248,7 +251,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from bench.metrics import MetricSet
     from bench.pipeline import certify_all
 
-    ds = _dataset(args)
+    ds = _dataset(args, train=False)
     d, record = _load_for_eval(args, ds)
     if args.norm not in d.certifies:
         raise ConfigError(
@@ -296,7 +299,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from bench.metrics import MetricSet
     from bench.pipeline import attack_all
 
-    ds = _dataset(args)
+    ds = _dataset(args, train=False)
     d, _ = _load_for_eval(args, ds)
     attack = {"library": args.library, "name": args.attack, "params": _params(args.attack_param)}
     rows = []

@@ -329,3 +329,39 @@ def test_run_table_shows_every_board_column(capsys):
     header, _, first, second = capsys.readouterr().out.splitlines()
     assert "guaranteed_accuracy@1" in header and "guaranteed_accuracy@0.1" in header
     assert "0.5000" in first and "0.2500" in second
+
+
+def test_eval_certify_attack_need_only_the_test_files(capsys, tmp_path):
+    """A data directory holding only t10k-* files is enough to evaluate a checkpoint."""
+    import numpy as np
+    import torch
+
+    from bench.models import create_model
+
+    rng = np.random.default_rng(0)
+    n = 20
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    header = (0x00000803).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28))
+    (data / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    header = (0x00000801).to_bytes(4, "big") + n.to_bytes(4, "big")
+    (data / "t10k-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(create_model("wk-small", input_shape=(1, 28, 28), num_classes=10).state_dict(),
+               weights)  # fmt: skip
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(data), "--checkpoint",
+              str(weights), "--model", "wk-small", "--quiet"]  # fmt: skip
+    rc, _, err = _run(capsys, "eval", *common)
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "certify", *common, "--defense", "wong-kolter", "--norm", "linf",
+                      "--eps", "0.01")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "attack", *common, "--norm", "linf", "--eps", "0.1",
+                      "--attack-param", "steps=2")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "train", "--dataset", "fashion-mnist", "--data-dir", str(data),
+                      "--out", str(tmp_path / "ck"), "--quiet")  # fmt: skip
+    assert rc == 2 and "train-images-idx3-ubyte" in _one_line_error(err)
