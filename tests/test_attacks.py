@@ -432,8 +432,8 @@ def test_averaging_over_draws_makes_the_attack_stronger(smoothed, digits):
     attack (l2, eps = 0.6, one normalised-gradient step of eps, no random start), where a
     single draw's gradient (cosine ≈ 0.85 with the 400-draw mean) wastes part of the budget.
     All 1797 digits, re-scored with 200 fresh draws each; one-sided McNemar: draws=20 must win
-    significantly (p < 1e-3). Observed for attack seeds 0-2: 105-138 examples favour draws=20
-    vs 28-35 the other way (p <= 3e-10); re-scoring noise alone gives ≈ 50 vs 50."""
+    significantly (p < 1e-3); the observed margins are in benchmarks/RESULTS.md ("attacks +
+    threat")."""
     x, y = digits["x_all"], digits["y_all"]
     correct = {}
     for draws in (1, 20):
@@ -477,8 +477,8 @@ def test_default_attack_at_least_as_strong_as_autoattack_rand(smoothed, digits, 
 def test_cw_adapters_reduce_accuracy_within_budget(undefended, digits):
     """Carlini–Wagner L2 (torchattacks and ART), projected to eps = 0.6: both lower accuracy on
     100 test digits by more than 5 standard errors of a proportion (5·sqrt(0.25/100) = 0.25).
-    ART's line-search CW is slow (its PixelDP-style defaults take ~50 s for these 100 digits
-    on one CPU thread), hence the shorter schedule with a larger constant and step."""
+    ART's line-search CW is slow with its PixelDP-style defaults (benchmarks/RESULTS.md,
+    "attacks + threat"), hence the shorter schedule with a larger constant and step."""
     x, y = digits["x_test"][:100], digits["y_test"][:100]
     clean = float((undefended.predict(x) == y).float().mean())
     for library, params in (
