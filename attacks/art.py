@@ -24,16 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attacks.base import (
-    DEFAULT_DRAWS,
-    PGD_DEFAULTS,
-    check_float,
-    check_int,
-    pgd_resolver,
-    register_attack,
-)
+from attacks.base import DEFAULT_DRAWS, PGD_DEFAULTS, pgd_resolver, register_attack
 from attacks.eot import ExpectationOverNoise
 from bench.errors import ConfigError
+from bench.threat import PGD_NORMS
+from bench.validation import check_int, check_number
 from defenses.base import Defense
 
 
@@ -66,7 +61,7 @@ def _to_numpy(t: Tensor) -> np.ndarray:
 @register_attack(
     "art",
     "pgd",
-    norms=("linf", "l2"),
+    norms=PGD_NORMS,
     defaults=PGD_DEFAULTS,
     resolve=pgd_resolver("art:pgd"),
     summary="ART ProjectedGradientDescent on the expectation-over-noise scores",
@@ -104,17 +99,11 @@ def _pgd(
 
 def _resolve_cw(params: dict[str, Any], defense: Any, norm: Any, eps: Any) -> None:
     key = "art:cw"
-    params["confidence"] = check_float(key, "confidence", params["confidence"])
-    params["learning_rate"] = check_float(
-        key, "learning_rate", params["learning_rate"], strict=True
-    )
-    params["binary_search_steps"] = check_int(
-        key, "binary_search_steps", params["binary_search_steps"], minimum=1
-    )
-    params["max_iter"] = check_int(key, "max_iter", params["max_iter"], minimum=1)
-    params["initial_const"] = check_float(
-        key, "initial_const", params["initial_const"], strict=True
-    )
+    params["confidence"] = check_number(params["confidence"], "confidence", low=0.0, where=key)
+    for name in ("learning_rate", "initial_const"):
+        params[name] = check_number(params[name], name, low=0.0, low_open=True, where=key)
+    for name in ("binary_search_steps", "max_iter"):
+        params[name] = check_int(params[name], name, minimum=1, where=key)
 
 
 @register_attack(

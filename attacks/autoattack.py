@@ -24,16 +24,15 @@ from typing import Any
 
 from torch import Tensor
 
-from attacks.base import (
-    check_int,
-    defense_is_randomized,
-    register_attack,
-)
+from attacks.base import defense_is_randomized, register_attack
 from attacks.eot import ExpectationOverNoise
 from bench.errors import ConfigError
+from bench.threat import NORMS
+from bench.validation import check_int
 from defenses.base import Defense
 
-_AA_NORM = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+#: AutoAttack's spelling of each of certbench's norms (it supports all of them).
+_AA_NORM = {"l1": "L1", "l2": "L2", "linf": "Linf"}
 _DEFAULTS = {"n_iter": 100, "eot_iter": 20, "n_queries": 5000}
 
 
@@ -71,7 +70,7 @@ def _run(
 def _make_resolver(fixed: str | None):
     def resolve(params: dict[str, Any], defense: Defense | None, norm: Any, eps: Any) -> None:
         for k in _DEFAULTS:
-            params[k] = check_int("autoattack", k, params[k], minimum=1)
+            params[k] = check_int(params[k], k, minimum=1, where="autoattack")
         if fixed is not None:
             params["version"] = fixed
         elif defense is not None:
@@ -88,7 +87,7 @@ def _register(name: str, fixed: str | None, summary: str) -> None:
     @register_attack(
         "autoattack",
         name,
-        norms=("linf", "l2", "l1"),
+        norms=NORMS,
         defaults=dict(_DEFAULTS),
         resolve=_make_resolver(fixed),
         summary=summary,

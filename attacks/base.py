@@ -1,5 +1,6 @@
-"""One calling convention for every attack, a small registry, the threat-model projection and
-Monte Carlo re-scoring of adversarial examples.
+"""One calling convention for every attack, the attack registry and Monte Carlo re-scoring of
+adversarial examples (the threat-model geometry — ``lp_norm``, ``project``,
+``random_in_ball`` — lives in :mod:`bench.threat` and is re-exported here).
 
 Every attack, whichever library implements it, is called the same way::
 
@@ -13,7 +14,8 @@ Every attack, whichever library implements it, is called the same way::
 in float64) and ``0 <= x_adv <= 1``: whatever an adapter returns is projected onto the eps ball
 and then clipped to ``[0, 1]`` (clipping after the projection cannot leave the ball, because
 ``x`` itself lies in the box, so clipping moves every coordinate of ``x + delta`` towards
-``x``). Minimum-distortion attacks (Carlini–Wagner) therefore count only within the budget.
+``x``; :func:`bench.threat.project`). Minimum-distortion attacks (Carlini–Wagner) therefore
+count only within the budget.
 
 Attacks on randomized defenses see the noise: the defended network stays noisy in ``eval()``
 mode (:mod:`bench.noise`), and every adapter differentiates through
@@ -22,15 +24,15 @@ reference) or through the library's own expectation over transformation (AutoAtt
 Their output is then judged by :func:`rescore` with the defense's own Monte Carlo prediction,
 never by the single noisy forward pass a library uses to decide success.
 
-Adapters register themselves with :func:`register_attack` under ``(library, name)``; adding an
-attack is one decorated function. Unknown names and parameters raise
-:class:`bench.errors.ConfigError` listing what is allowed.
+Adapters register themselves with :func:`register_attack` under ``library:name``; adding an
+attack library is one module of decorated functions plus its line in the ``certbench.attacks``
+entry-point group (a third-party package declares it in its own ``pyproject.toml``). Unknown
+names and parameters raise :class:`bench.errors.ConfigError` listing what is allowed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +44,32 @@ from torch import Tensor, nn
 from bench.errors import ConfigError, DataError
 from bench.noise import is_randomized
 from bench.registry import ATTACKS
-from defenses.base import NORMS, Defense
+from bench.threat import NORMS, frozen_parameters, lp_norm, project, random_in_ball
+from bench.validation import check_choice, check_int, check_number
+from defenses.base import Defense
+
+# Re-exported: the threat-model geometry lives in bench.threat.
+__all__ = [
+    "DEFAULT_DRAWS",
+    "PGD_DEFAULTS",
+    "RESCORE_SEED_OFFSET",
+    "AttackEntry",
+    "attack",
+    "attack_libraries",
+    "attack_mode",
+    "defense_is_randomized",
+    "describe_attack",
+    "get_attack",
+    "list_attacks",
+    "lp_norm",
+    "pgd_resolver",
+    "project",
+    "random_in_ball",
+    "register_attack",
+    "rescore",
+    "resolve_step_size",
+    "seeded",
+]
 
 #: Added to the caller's seed when re-scoring attacked inputs, so the Monte Carlo draws that
 #: judge an adversarial example are fresh (independent of the draws of the clean evaluation,
@@ -182,7 +209,7 @@ def _resolve(
         )
     resolved = {**entry.defaults, **params}
     if "draws" in resolved:
-        resolved["draws"] = check_int(entry.key, "draws", resolved["draws"], minimum=1)
+        resolved["draws"] = check_int(resolved["draws"], "draws", minimum=1, where=entry.key)
         if defense is not None and not defense_is_randomized(defense):
             resolved["draws"] = 1
     if entry.resolve is not None:
@@ -190,40 +217,20 @@ def _resolve(
     return resolved
 
 
-# --------------------------------------------------------------------------- validation helpers
-def check_int(where: str, field_name: str, value: Any, *, minimum: int) -> int:
-    """``value`` as an int ``>= minimum``; raises :class:`ConfigError` naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{where}: {field_name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(
-    where: str, field_name: str, value: Any, *, minimum: float = 0.0, strict: bool = False
-) -> float:
-    """``value`` as a finite float ``>= minimum`` (``>`` if ``strict``)."""
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(float(value))
-    ok = ok and (float(value) > minimum if strict else float(value) >= minimum)
-    if not ok:
-        rel = ">" if strict else ">="
-        raise ConfigError(
-            f"{where}: {field_name} must be a finite number {rel} {minimum}, got {value!r}"
-        )
-    return float(value)
-
-
+# --------------------------------------------------------------------------- parameters
 def resolve_step_size(
     params: dict[str, Any], eps: float | None, *, key: str, steps_field: str = "steps"
 ) -> None:
     """Fill ``params["step_size"]`` (None → 2.5 · eps / steps, Madry et al.'s rule)."""
-    steps = check_int(key, steps_field, params[steps_field], minimum=1)
+    steps = check_int(params[steps_field], steps_field, minimum=1, where=key)
     params[steps_field] = steps
     if params.get("step_size") is None:
         if eps is not None:
             params["step_size"] = 2.5 * float(eps) / steps
     else:
-        params["step_size"] = check_float(key, "step_size", params["step_size"], strict=True)
+        params["step_size"] = check_number(
+            params["step_size"], "step_size", low=0.0, low_open=True, where=key
+        )
 
 
 #: Parameters shared by every PGD adapter (certbench, torchattacks, ART).
@@ -252,117 +259,6 @@ def defense_is_randomized(defense: Defense) -> bool:
     return bool(defense.randomized) or (model is not None and is_randomized(model))
 
 
-# --------------------------------------------------------------------------- threat model
-def lp_norm(delta: Tensor, norm: str) -> Tensor:
-    """Per-row ``norm`` of ``delta`` ``(N, ...)`` -> ``(N,)``."""
-    flat = delta.reshape(delta.shape[0], -1)
-    if norm == "linf":
-        return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
-    if norm == "l2":
-        return flat.norm(p=2, dim=1)
-    if norm == "l1":
-        return flat.abs().sum(dim=1)
-    raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
-
-
-def _project_l1(flat: Tensor, eps: float) -> Tensor:
-    """Euclidean projection of each row of ``flat`` onto the l1 ball of radius ``eps``.
-
-    Soft thresholding ``sign(v) max(|v| - theta, 0)`` with the threshold found by sorting
-    (Duchi et al., 2008); rows already inside the ball are returned unchanged.
-    """
-    a = flat.abs()
-    inside = a.sum(dim=1) <= eps
-    if bool(inside.all()):
-        return flat
-    u, _ = a.sort(dim=1, descending=True)
-    css = u.cumsum(dim=1)
-    j = torch.arange(1, u.shape[1] + 1, device=flat.device, dtype=flat.dtype)
-    cond = u - (css - eps) / j > 0
-    rho = cond.to(flat.dtype).mul(j).argmax(dim=1, keepdim=True)  # last index where cond holds
-    theta = ((css.gather(1, rho) - eps) / (rho + 1).to(flat.dtype)).clamp(min=0)
-    projected = flat.sign() * (a - theta).clamp(min=0)
-    return torch.where(inside[:, None], flat, projected)
-
-
-def project(x: Tensor, x_adv: Tensor, *, norm: str, eps: float) -> Tensor:
-    """Closest point to ``x_adv`` in ``{x' : ||x' - x||_norm <= eps}``, then clipped to [0, 1].
-
-    ``x`` and ``x_adv`` are ``(N, ...)`` with ``x`` in [0, 1]; the result is detached and has
-    ``x``'s dtype. The projection is exact Euclidean projection for l2 (radial rescaling),
-    linf (coordinate clamp) and l1 (soft thresholding); the final clip keeps the point in
-    the ball (see the module docstring).
-    """
-    x = x.detach()
-    delta = x_adv.detach().to(x.dtype) - x
-    flat = delta.reshape(delta.shape[0], -1)
-    if norm == "linf":
-        flat = flat.clamp(-eps, eps)
-    elif norm == "l2":
-        norms = flat.norm(p=2, dim=1, keepdim=True)
-        factor = torch.where(norms > eps, eps / norms.clamp_min(1e-30), torch.ones_like(norms))
-        flat = flat * factor
-    elif norm == "l1":
-        flat = _project_l1(flat, float(eps))
-    else:
-        raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
-    out = (x + flat.reshape(x.shape)).clamp(0.0, 1.0)
-    return _enforce_budget(x, out, norm=norm, eps=float(eps))
-
-
-def _enforce_budget(x: Tensor, out: Tensor, *, norm: str, eps: float) -> Tensor:
-    """Undo float rounding so the exact distance of the stored numbers is ``<= eps``.
-
-    ``x + delta`` rounds, so ``out - x`` (computed exactly, in float64) can exceed ``eps`` by
-    an ulp. Offending coordinates (linf) are stepped one ulp towards ``x``; offending rows
-    (l1, l2) are shrunk towards ``x`` by a few ulps (relative), more on each retry. Moving
-    towards ``x`` stays in [0, 1]. A row still outside after the retries is replaced by ``x``.
-    """
-    tiny = torch.finfo(x.dtype).eps
-    for attempt in range(12):
-        diff = out.double() - x.double()
-        if norm == "linf":
-            bad = diff.abs() > eps
-            if not bool(bad.any()):
-                return out
-            out = torch.where(bad, torch.nextafter(out, x), out)
-        else:
-            dist = lp_norm(diff, norm)
-            bad = dist > eps
-            if not bool(bad.any()):
-                return out
-            margin = 1.0 - min(0.5, tiny * 4.0**attempt)
-            shrink = (eps / dist.clamp_min(1e-300) * margin).clamp(max=1.0)
-            shrink = torch.where(bad, shrink, torch.ones_like(shrink))
-            shrink = shrink.reshape(-1, *([1] * (x.dim() - 1)))
-            out = (x.double() + diff * shrink).to(x.dtype).clamp(0.0, 1.0)
-    # never reached in practice; a row that still violates the budget falls back to x itself
-    bad_rows = lp_norm(out.double() - x.double(), norm) > eps
-    return torch.where(bad_rows.reshape(-1, *([1] * (x.dim() - 1))), x, out)
-
-
-def random_in_ball(x: Tensor, *, norm: str, eps: float) -> Tensor:
-    """A uniform random point of the ``norm`` ball of radius ``eps`` around each row of ``x``,
-    clipped to [0, 1] (torch's global RNG; :func:`attack` seeds it)."""
-    n = x.shape[0]
-    d = x[0].numel()
-    if norm == "linf":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
-    elif norm in ("l2", "l1"):
-        if norm == "l2":
-            direction = torch.randn_like(x).reshape(n, -1)
-            direction = direction / direction.norm(p=2, dim=1, keepdim=True).clamp_min(1e-30)
-        else:  # uniform on the l1 sphere: normalised exponentials with random signs
-            e = torch.empty_like(x).exponential_().reshape(n, -1)
-            sign = torch.randint_like(e, 0, 2).mul_(2).sub_(1)
-            direction = sign * e / e.sum(dim=1, keepdim=True)
-        radius = eps * torch.rand(n, 1, dtype=x.dtype, device=x.device).pow(1.0 / d)
-        delta = (direction * radius).reshape(x.shape)
-    else:
-        raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
-    return (x + delta).clamp(0.0, 1.0)
-
-
 # --------------------------------------------------------------------------- state helpers
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
@@ -388,22 +284,17 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     both afterwards. Frozen parameters keep libraries that call ``backward()`` from
     accumulating ``.grad`` on the defended network."""
     was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with frozen_parameters(model):
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
 
 
 def _check_inputs(x: Tensor, y: Tensor, norm: str, eps: float) -> None:
-    if norm not in NORMS:
-        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    check_float("attack", "eps", eps)
+    check_choice(norm, "norm", NORMS)
+    check_number(eps, "eps", low=0.0, where="attack")
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise DataError(
             f"attack input x must be a float tensor (N, C, H, W), got "
@@ -468,7 +359,7 @@ def attack(
     bs = (
         x.shape[0]
         if batch_size is None
-        else check_int("attack", "batch_size", batch_size, minimum=1)
+        else check_int(batch_size, "batch_size", minimum=1, where="attack")
     )
     y = y.to(x.device)
     outs = []
@@ -523,8 +414,7 @@ def rescore(
         wrong) and ``(N,)`` float64 certified radii in pixel units of ``norm``, or ``None``
         when the defense does not certify ``norm`` or ``certify`` is False.
     """
-    if norm not in NORMS:
-        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    check_choice(norm, "norm", NORMS)
     if y is not None and y.shape != (x_adv.shape[0],):
         raise DataError(f"rescore labels must have shape ({x_adv.shape[0]},), got {tuple(y.shape)}")
     x_adv = x_adv.detach()

@@ -45,15 +45,20 @@ from torch import Tensor, nn
 from attacks.base import (
     DEFAULT_DRAWS,
     PGD_DEFAULTS,
-    check_int,
     defense_is_randomized,
     pgd_resolver,
-    project,
-    random_in_ball,
     register_attack,
 )
 from bench.errors import ConfigError
+from bench.threat import PGD_NORMS, projected_gradient_ascent, random_in_ball
+from bench.validation import check_choice, check_int
 from defenses.base import Defense
+
+#: l2 steps of certbench's EOT-PGD divide the mean gradient by ``max(||g||_2, 1e-12)``: a mean
+#: gradient shorter than that is float32 rounding noise (a confidently classified input), and a
+#: full step along it would go wherever the noise points
+#: (:func:`bench.threat.projected_gradient_ascent`, ``min_grad_norm``).
+EOT_MIN_GRAD_NORM = 1e-12
 
 
 class ExpectationOverNoise(nn.Module):
@@ -71,7 +76,7 @@ class ExpectationOverNoise(nn.Module):
 
     def __init__(self, defense: Defense, draws: int = DEFAULT_DRAWS) -> None:
         super().__init__()
-        draws = check_int("ExpectationOverNoise", "draws", draws, minimum=1)
+        draws = check_int(draws, "draws", minimum=1, where="ExpectationOverNoise")
         if not hasattr(defense, "model_"):
             raise ConfigError(
                 "ExpectationOverNoise needs a set-up defense (call defense.setup(model, ...) first)"
@@ -138,32 +143,42 @@ def eot_pgd(
 
     Each step estimates ``g = E_noise[∇_x CE]`` as the mean of ``draws`` per-draw gradients
     (:meth:`ExpectationOverNoise.loss_grad`), then moves ``step_size`` along ``sign(g)``
-    (linf) or ``g / ||g||_2`` (l2: the normalised *mean* gradient, not the sign of a sum),
-    projects onto the ``eps`` ball around ``x`` and clips to [0, 1]. ``random_start`` draws
-    the start uniformly from the ball. Returns the last iterate, ``(N, C, H, W)`` in [0, 1].
-    ``step_size`` None means ``2.5 · eps / steps``.
+    (linf) or ``g / max(||g||_2, 1e-12)`` (l2: the normalised *mean* gradient, not the sign of
+    a sum), projects onto the ``eps`` ball around ``x`` and clips to [0, 1], every iterate
+    within the budget exactly (:func:`bench.threat.project`). ``random_start`` draws the start
+    uniformly from the ball (torch's global RNG, which :func:`attacks.attack` seeds). The loop
+    is :func:`bench.threat.projected_gradient_ascent`.
+
+    Args:
+        defense: a set-up defense; ``x``: ``(N, C, H, W)`` in [0, 1]; ``y``: ``(N,)`` labels.
+        norm: ``"linf"`` or ``"l2"``; ``eps``: radius in pixel units.
+        steps, step_size: ascent steps and their length (``None``: ``2.5 · eps / steps``).
+        random_start, draws: as above.
+
+    Returns:
+        The last iterate, ``(N, C, H, W)`` in [0, 1], ``||x_adv - x||_norm <= eps``.
     """
-    if norm not in ("linf", "l2"):
-        raise ConfigError(f"certbench pgd supports norms linf and l2, not {norm!r}")
+    check_choice(norm, "norm", PGD_NORMS, where="certbench:pgd")
     alpha = 2.5 * eps / steps if step_size is None else float(step_size)
     eot = ExpectationOverNoise(defense, draws)
     x0 = x.detach()
-    x_adv = random_in_ball(x0, norm=norm, eps=eps) if random_start else x0.clone()
-    for _ in range(steps):
-        _, g = eot.loss_grad(x_adv, y)
-        if norm == "linf":
-            direction = g.sign()
-        else:
-            gn = g.reshape(g.shape[0], -1).norm(p=2, dim=1).clamp_min(1e-12)
-            direction = g / gn.reshape(-1, *([1] * (g.dim() - 1)))
-        x_adv = project(x0, x_adv + alpha * direction, norm=norm, eps=eps)
-    return x_adv
+    return projected_gradient_ascent(
+        lambda x_adv: eot.loss_grad(x_adv, y)[1],
+        x0,
+        norm=norm,
+        eps=eps,
+        steps=steps,
+        step_size=alpha,
+        start=random_in_ball(x0, norm=norm, eps=eps) if random_start else None,
+        exact_budget=True,
+        min_grad_norm=EOT_MIN_GRAD_NORM,
+    )
 
 
 @register_attack(
     "certbench",
     "pgd",
-    norms=("linf", "l2"),
+    norms=PGD_NORMS,
     defaults=PGD_DEFAULTS,
     resolve=pgd_resolver("certbench:pgd"),
     summary="PGD on the mean of per-draw CE gradients (EOT), sign step (linf) or "

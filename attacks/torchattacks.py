@@ -16,19 +16,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attacks.base import (
-    DEFAULT_DRAWS,
-    PGD_DEFAULTS,
-    check_float,
-    check_int,
-    pgd_resolver,
-    register_attack,
-)
+from attacks.base import DEFAULT_DRAWS, PGD_DEFAULTS, pgd_resolver, register_attack
 from attacks.eot import ExpectationOverNoise
 from bench.errors import ConfigError
+from bench.threat import PGD_NORMS
+from bench.validation import check_choice, check_int, check_number
 from defenses.base import Defense
 
-_TA_NORM = {"linf": "Linf", "l2": "L2"}
+#: torchattacks' spelling of the norms its APGD supports.
+_APGD_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
 def _library() -> Any:
@@ -77,7 +73,7 @@ def _fgsm(
 @register_attack(
     "torchattacks",
     "pgd",
-    norms=("linf", "l2"),
+    norms=PGD_NORMS,
     defaults=PGD_DEFAULTS,
     resolve=pgd_resolver("torchattacks:pgd"),
     summary="torchattacks.PGD (linf) / PGDL2 (l2) on the expectation-over-noise scores",
@@ -103,10 +99,11 @@ def _pgd(
 
 
 def _resolve_cw(params: dict[str, Any], defense: Any, norm: Any, eps: Any) -> None:
-    params["c"] = check_float("torchattacks:cw", "c", params["c"], strict=True)
-    params["kappa"] = check_float("torchattacks:cw", "kappa", params["kappa"])
-    params["steps"] = check_int("torchattacks:cw", "steps", params["steps"], minimum=1)
-    params["lr"] = check_float("torchattacks:cw", "lr", params["lr"], strict=True)
+    key = "torchattacks:cw"
+    params["c"] = check_number(params["c"], "c", low=0.0, low_open=True, where=key)
+    params["kappa"] = check_number(params["kappa"], "kappa", low=0.0, where=key)
+    params["steps"] = check_int(params["steps"], "steps", minimum=1, where=key)
+    params["lr"] = check_number(params["lr"], "lr", low=0.0, low_open=True, where=key)
 
 
 @register_attack(
@@ -139,17 +136,16 @@ def _cw(
 
 def _resolve_apgd(params: dict[str, Any], defense: Any, norm: Any, eps: Any) -> None:
     key = "torchattacks:apgd"
-    params["steps"] = check_int(key, "steps", params["steps"], minimum=1)
-    params["restarts"] = check_int(key, "restarts", params["restarts"], minimum=1)
-    params["rho"] = check_float(key, "rho", params["rho"], strict=True)
-    if params["loss"] not in ("ce", "dlr"):
-        raise ConfigError(f"{key}: loss must be 'ce' or 'dlr', got {params['loss']!r}")
+    params["steps"] = check_int(params["steps"], "steps", minimum=1, where=key)
+    params["restarts"] = check_int(params["restarts"], "restarts", minimum=1, where=key)
+    params["rho"] = check_number(params["rho"], "rho", low=0.0, low_open=True, where=key)
+    check_choice(params["loss"], "loss", ("ce", "dlr"), where=key)
 
 
 @register_attack(
     "torchattacks",
     "apgd",
-    norms=("linf", "l2"),
+    norms=tuple(_APGD_NORMS),
     defaults={"steps": 100, "restarts": 1, "loss": "ce", "rho": 0.75, "draws": DEFAULT_DRAWS},
     resolve=_resolve_apgd,
     summary="torchattacks.APGD (Croce & Hein) on the expectation-over-noise scores",
@@ -172,7 +168,7 @@ def _apgd(
     model = ExpectationOverNoise(defense, draws)
     atk = ta.APGD(
         model,
-        norm=_TA_NORM[norm],
+        norm=_APGD_NORMS[norm],
         eps=eps,
         steps=steps,
         n_restarts=restarts,

@@ -18,6 +18,8 @@ deterministic maps from those bounds to radii.
   in the construction norm for which the test holds for some ``(eps', delta')`` that the
   fixed noise satisfies (:func:`pixeldp_robust_size_from_bounds`,
   :func:`pixeldp_robust_size`); then :func:`convert_radius` to the other norms.
+
+Conversion of a radius between norms is :func:`bench.threat.convert_radius` (re-exported).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import numpy as np
 import torch
 from scipy import special
 
-from bench.errors import ConfigError
 from bench.stats import (
     ArrayLike,
     StatisticsValueError,
@@ -40,7 +41,7 @@ from bench.stats import (
     softmax_bounds,
     upper_confidence_bound,
 )
-from bench.threat import NORMS
+from bench.threat import convert_radius  # re-exported: callers import it from here
 from bench.validation import check_choice, check_int
 
 __all__ = [
@@ -524,62 +525,3 @@ def pixeldp_robust_size(
         construction_bound=construction_bound,
         sensitivity=sensitivity,
     )
-
-
-# --------------------------------------------------------------------------- norms
-def _norm_factor(from_norm: str, to_norm: str, dim: int) -> float:
-    """Largest ``c`` with ``{||d||_to < c r}`` inside ``{||d||_from < r}`` in R^dim.
-
-    From the tight inequalities ``||d||_inf <= ||d||_2 <= ||d||_1 <= sqrt(dim) ||d||_2`` and
-    ``||d||_2 <= sqrt(dim) ||d||_inf``, ``||d||_1 <= dim ||d||_inf``:
-    ``||d||_to < c r`` must imply ``||d||_from < r``, i.e. ``c = 1 / max ||d||_from /
-    ||d||_to``.
-    """
-    if from_norm == to_norm:
-        return 1.0
-    # max ||d||_from / ||d||_to over d != 0:
-    worst = {
-        ("l2", "l1"): 1.0,  # ||d||_2 <= ||d||_1
-        ("linf", "l1"): 1.0,  # ||d||_inf <= ||d||_1
-        ("linf", "l2"): 1.0,  # ||d||_inf <= ||d||_2
-        ("l2", "linf"): np.sqrt(dim),  # ||d||_2 <= sqrt(d) ||d||_inf
-        ("l1", "l2"): np.sqrt(dim),  # ||d||_1 <= sqrt(d) ||d||_2
-        ("l1", "linf"): float(dim),  # ||d||_1 <= d ||d||_inf
-    }[(from_norm, to_norm)]
-    return 1.0 / worst
-
-
-def convert_radius(radius: ArrayLike, *, from_norm: str, to_norm: str, dim: int) -> Any:
-    """Conservatively convert a certified radius between norms on ``R^dim``.
-
-    A radius ``r`` certified in ``from_norm`` certifies ``c r`` in ``to_norm`` where
-    ``c`` is the largest constant with the ``to_norm`` ball of radius ``c r`` contained in
-    the certified ``from_norm`` ball (the factors are tight):
-
-    ============  ======  ===========  ===========
-    from \\\\ to    l1      l2           linf
-    ============  ======  ===========  ===========
-    l1            1       1/sqrt(d)    1/d
-    l2            1       1            1/sqrt(d)
-    linf          1       1            1
-    ============  ======  ===========  ===========
-
-    (e.g. ``||x||_inf <= ||x||_2``, so an l2 ball of radius r lies inside the certified linf
-    ball of radius r; ``||x||_2 <= sqrt(d) ||x||_inf``, so an l2 radius r certifies linf
-    radius r/sqrt(d)). In finite dimension every pair has a containment, so no pair maps to
-    0. Same norm is the identity. Non-positive radii (nothing certified / abstain) keep
-    their sign; ``+inf`` stays ``+inf``.
-
-    Args:
-        radius: certified radii in ``from_norm``, any shape.
-        from_norm, to_norm: ``"l1"``, ``"l2"`` or ``"linf"``.
-        dim: input dimension ``d = C*H*W``, integer ``>= 1``.
-    """
-    for name, value in (("from_norm", from_norm), ("to_norm", to_norm)):
-        if value not in NORMS:
-            raise ConfigError(f"{name} must be one of {', '.join(NORMS)}, got {value!r}")
-    if not (isinstance(dim, (int, np.integer)) and dim >= 1):
-        raise StatisticsValueError(f"dim (input dimension) must be an integer >= 1, got {dim!r}")
-    like = _template(radius)
-    r = _to_numpy(radius, "radius")
-    return _restore(r * _norm_factor(from_norm, to_norm, int(dim)), like)

@@ -30,8 +30,7 @@ rule of thumb of Madry et al., long enough to cross the ball from any starting p
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -39,9 +38,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.registry import register_defense
+from bench.threat import (
+    PGD_NORMS,
+    frozen_parameters,
+    per_example,
+    project_delta,
+    projected_gradient_ascent,
+    random_delta,
+)
+from bench.validation import check_bool, check_choice, check_int, check_number
 from defenses.base import Defense, TrainProgress
 
-PGD_NORMS = ("linf", "l2")
+__all__ = ["PGD_NORMS", "Madry", "frozen_parameters", "pgd", "reference_setting"]
 
 # (C, H, W) -> norm -> (eps, steps, step_size); step_size None = 2.5 * eps / steps.
 _REFERENCE: dict[tuple[int, ...], dict[str, tuple[float, int, float | None]]] = {
@@ -66,68 +74,9 @@ _TRAIN_DEFAULTS: dict[tuple[int, ...], dict[str, Any]] = {
 
 def reference_setting(input_shape: tuple[int, ...], norm: str) -> tuple[float, int, float]:
     """The reference ``(eps, steps, step_size)`` for inputs of ``input_shape`` = (C, H, W)."""
-    if norm not in PGD_NORMS:
-        raise ValueError(f"norm must be one of {', '.join(PGD_NORMS)}, got {norm!r}")
+    check_choice(norm, "norm", PGD_NORMS)
     eps, steps, step = _REFERENCE.get(tuple(input_shape), _GENERIC)[norm]
     return eps, steps, (2.5 * eps / steps if step is None else step)
-
-
-def _per_example_l2(t: Tensor) -> Tensor:
-    """ℓ2 norm of each example of ``t`` (N, ...), shaped (N, 1, ..., 1) for broadcasting."""
-    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def _per_example(value: float | Tensor, name: str, x: Tensor) -> Tensor:
-    """``value`` (a scalar or an ``(N,)`` tensor, >= 0, finite) shaped ``(N, 1, ..., 1)``."""
-    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
-        raise ValueError(
-            f"pgd: {name} must be a number or a tensor of shape ({x.shape[0]},), "
-            f"got shape {tuple(t.shape)}"
-        )
-    if t.numel() and not (torch.isfinite(t).all() and (t >= 0).all()):
-        raise ValueError(f"pgd: {name} must be finite and >= 0, got {value!r}")
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    return t.reshape(shape) if t.dim() == 1 else t.expand(x.shape[0]).reshape(shape)
-
-
-def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
-    """Euclidean projection of each example of ``delta`` onto its ``norm`` ball of radius eps.
-
-    ``eps`` is shaped ``(N, 1, ..., 1)``.
-    """
-    if norm == "linf":
-        return torch.minimum(torch.maximum(delta, -eps), eps)
-    nrm = _per_example_l2(delta)
-    factor = torch.where(nrm > eps, eps / nrm.clamp_min(1e-30), torch.ones_like(nrm))
-    return delta * factor
-
-
-def _random_start(x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None) -> Tensor:
-    """A point drawn uniformly from the ``norm`` ball of radius eps around each example."""
-    if norm == "linf":
-        u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-        return (2.0 * u - 1.0) * eps
-    # Uniform in the ℓ2 ball: uniform direction times radius eps · U^(1/d).
-    d = x[0].numel() if x.shape[0] else 1
-    g = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    direction = g / _per_example_l2(g).clamp_min(1e-30)
-    u = torch.rand(eps.shape, dtype=x.dtype, device=x.device, generator=generator)
-    return direction * (eps * u.pow(1.0 / d))
-
-
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` of every parameter of ``module``; restore each flag on exit."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def pgd(
@@ -143,6 +92,10 @@ def pgd(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Untargeted projected gradient ascent on the cross-entropy (Madry et al. 2018).
+
+    The loop is :func:`bench.threat.projected_gradient_ascent`; this function supplies the
+    loss (the summed cross-entropy of ``model_fn``, so each example's gradient is its own) and
+    the random start.
 
     Args:
         model_fn: maps ``(N, C, H, W)`` inputs to ``(N, K)`` logits (or log-probabilities,
@@ -167,46 +120,51 @@ def pgd(
 
     Returns:
         ``x_adv``, detached, same shape/dtype/device as ``x``, with ``x_adv ∈ [0, 1]`` and
-        ``‖x_adv − x‖ ≤ eps`` per example (up to float rounding, ~1 ulp). Every iterate is
-        first projected onto the ε-ball and then clipped to [0, 1]; for ``x`` in [0, 1]
-        clipping only moves coordinates towards ``x``, so it never leaves the ball.
+        ``‖x_adv − x‖ ≤ eps`` per example (up to float rounding, ~1 ulp: training examples
+        only feed a loss, so the exact-budget correction attacks apply is skipped). Every
+        iterate is first projected onto the ε-ball and then clipped to [0, 1]; for ``x`` in
+        [0, 1] clipping only moves coordinates towards ``x``, so it never leaves the ball.
 
     Raises:
         ValueError: unknown ``norm``, negative or non-finite ``eps``/``step_size``, negative
         ``steps``, a per-example tensor of the wrong length, or ``x`` outside [0, 1].
     """
-    if norm not in PGD_NORMS:
-        raise ValueError(f"pgd: norm must be one of {', '.join(PGD_NORMS)}, got {norm!r}")
-    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-        raise ValueError(f"pgd: steps must be an integer >= 0, got {steps!r}")
+    check_choice(norm, "norm", PGD_NORMS, where="pgd")
+    check_int(steps, "steps", minimum=0, where="pgd")
     x = x.detach()
-    eps_t = _per_example(eps, "eps", x)
-    step_t = _per_example(step_size, "step_size", x)
+    eps_t = per_example(eps, "eps", x, where="pgd")
+    step_t = per_example(step_size, "step_size", x, where="pgd")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(
             f"pgd: inputs must lie in [0, 1], got range [{float(x.min()):.4g}, "
             f"{float(x.max()):.4g}]"
         )
     y = y.detach()
-    delta = _random_start(x, eps_t, norm, generator) if random_start else torch.zeros_like(x)
-    x_adv = (x + _project(delta, eps_t, norm)).clamp_(0.0, 1.0)
+    start = None
+    if random_start:  # a draw can round an ulp outside the ball: project it onto the ball
+        delta = project_delta(random_delta(x, eps_t, norm, generator), eps_t, norm)
+        start = (x + delta).clamp_(0.0, 1.0)
+
+    def loss_grad(x_adv: Tensor) -> Tensor:
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(model_fn(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        return grad
 
     with contextlib.ExitStack() as stack:
         if isinstance(model_fn, nn.Module):
             stack.enter_context(frozen_parameters(model_fn))
         stack.enter_context(torch.enable_grad())
-        for _ in range(int(steps)):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model_fn(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach()
-            if norm == "linf":
-                step = grad.sign()
-            else:
-                gn = _per_example_l2(grad)
-                step = torch.where(gn > 0, grad / gn.clamp_min(1e-30), torch.zeros_like(grad))
-            delta = _project(x_adv + step_t * step - x, eps_t, norm)
-            x_adv = (x + delta).clamp_(0.0, 1.0)
+        x_adv = projected_gradient_ascent(
+            loss_grad,
+            x,
+            norm=norm,
+            eps=eps_t,
+            steps=steps,
+            step_size=step_t,
+            start=start,
+            exact_budget=False,
+        )
     return x_adv.detach()
 
 
@@ -251,22 +209,21 @@ class Madry(Defense):
         step_size: float | None = None,
         random_start: bool = True,
     ) -> None:
-        if norm not in PGD_NORMS:
-            raise ValueError(f"norm must be one of {', '.join(PGD_NORMS)}, got {norm!r}")
-        if eps is not None and not (
-            isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < math.inf
-        ):
-            raise ValueError(f"eps must be a finite number >= 0 or None, got {eps!r}")
-        if steps is not None and (
-            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-        ):
-            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
-        if step_size is not None and not (
-            isinstance(step_size, (int, float)) and 0 < step_size < math.inf
-        ):
-            raise ValueError(f"step_size must be a finite number > 0 or None, got {step_size!r}")
-        if not isinstance(random_start, bool):
-            raise ValueError(f"random_start must be true or false, got {random_start!r}")
+        check_choice(norm, "norm", PGD_NORMS, where="madry")
+        if eps is not None:
+            check_number(eps, "eps", low=0.0, where="madry", what="a finite number >= 0 or None")
+        if steps is not None:
+            check_int(steps, "steps", minimum=1, where="madry")
+        if step_size is not None:
+            check_number(
+                step_size,
+                "step_size",
+                low=0.0,
+                low_open=True,
+                where="madry",
+                what="a finite number > 0 or None",
+            )
+        check_bool(random_start, "random_start", where="madry")
         self.eps = eps
         self.norm = norm
         self.steps = steps

@@ -1,0 +1,1 @@
+"""A third-party certbench attack adapter (test fixture): ``example:fgsm``."""
