@@ -154,15 +154,10 @@ SPEC = """
         "attack": {"library": "example", "name": "fgsm", "params": {"draws": 1}},
         "defenses": [{"name": "undefended"}],
     })
-    print(json.dumps(spec.attack))
+    print(json.dumps(spec.cells()[0].attack))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench.spec still lists attack libraries in a fixed tuple (ATTACK_LIBRARIES) "
-    "instead of asking attacks.attack_libraries()",
-)
 def test_attack_plugin_in_a_spec(plugin_site, tmp_path):
     out = _python(SPEC, plugin_site, tmp_path)
     assert out["library"] == "example" and out["name"] == "fgsm"
