@@ -393,6 +393,26 @@ def test_per_example_eps_and_chunking():
     assert torch.allclose(whole, parts, atol=1e-6) and torch.allclose(whole, single, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_chunking_with_clip_box(norm):
+    """Chunks after the first reuse the identity cached through the first affine block; the
+    box centre's offset must still go through that block (it once did not: a crash when the
+    block changes the shape, silently wrong bounds when it keeps it, as here)."""
+    torch.manual_seed(5)
+    square = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    for net, shape in ((square, (4,)), (tiny_conv(2), (1, 5, 5))):
+        x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(4)) * 0.1  # box edge
+        y = net(x).argmax(1)
+        kw = dict(eps=0.2, norm=norm, clip_box=True)
+        with torch.no_grad():
+            whole = margin_lower_bounds(net, x, y, **kw)
+            parts = margin_lower_bounds(net, x, y, batch_size=2, **kw)
+            single = torch.cat(
+                [margin_lower_bounds(net, x[i : i + 1], y[i : i + 1], **kw) for i in range(5)]
+            )
+        assert torch.allclose(parts, whole, atol=1e-6) and torch.allclose(single, whole, atol=1e-6)
+
+
 def test_unsupported_layers_raise_config_error():
     with pytest.raises(ConfigError, match="Tanh"):
         margin_lower_bounds(

@@ -130,23 +130,19 @@ class InputColumns:
         self.shared = True
         self.shared_abs: Tensor | None = None  # |e| flattened to (Q, units), while shared
         self.e = torch.eye(d_in, dtype=x.dtype, device=x.device).reshape(d_in, *x.shape[1:])
-        self.delta = s.box_delta
 
     def affine(self, op: Op) -> None:
         self.shared_abs = None
         self.e = op.apply(self.e) if self.shared else apply_batched(op.apply, self.e, 2)
-        if self.delta is not None:
-            self.delta = op.apply(self.delta)
 
     def relu(self, d: Tensor) -> None:
         self.shared_abs = None
         self.e = (self.e.unsqueeze(0) if self.shared else self.e) * d.unsqueeze(1)
         self.shared = False
-        if self.delta is not None:
-            self.delta = self.delta * d
 
-    def bounds(self) -> tuple[Tensor, Tensor]:
-        """Offsets ``(lo, up)``, ``(N, units)``, of the input term around the centre pass."""
+    def bounds(self, shift: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+        """Offsets ``(lo, up)``, ``(N, units)``, of the input term around the centre pass;
+        ``shift`` ``(N, units)`` is the box centre's offset from it (see :func:`.offsets`)."""
         s = self.s
         n = s.x.shape[0]
         ball = box = None
@@ -162,8 +158,11 @@ class InputColumns:
                 box = r @ (ef.abs() if self.shared_abs is None else self.shared_abs)
             else:
                 box = torch.einsum("nq,nqk->nk", r, ef.abs())
-        shift = 0.0 if self.delta is None else self.delta.reshape(n, -1)
         return offsets(ball, box, shift, n)
+
+
+def _affine(op: Op, v: Tensor | None) -> Tensor | None:
+    return None if v is None else op.apply(v)
 
 
 def forward_bounds(
@@ -178,16 +177,22 @@ def forward_bounds(
     relus = [i for i, op in enumerate(ops) if op.relu]
     n = s.x.shape[0]
     centre = s.x
+    # The box's centre minus x, through the linearised network. It differs per example, so
+    # unlike the input columns it goes through the first affine block even when the cache
+    # holds that block's image of the identity.
+    delta = s.box_delta
     exact = k is None or s.x[0].numel() <= k
     inputs = InputColumns(s) if exact else ProjectedInputColumns(s, k)  # type: ignore[arg-type]
     groups: list[ReluColumns | ProjectedReluColumns] = []
     infos: list[ReluRelaxation] = []
     done = 0  # the input columns already went through ops[:done]
+    moved = 0  # delta already went through ops[:moved]
     if relus and isinstance(inputs, InputColumns) and cache is not None and relus[0] > 0:
         if "prefix" not in cache:
             for op in ops[: relus[0]]:
                 inputs.affine(op)
-            cache["prefix"] = inputs.e
+                delta = _affine(op, delta)
+            cache["prefix"], moved = inputs.e, relus[0]
         if s.box_radius is not None and "prefix_abs" not in cache:
             cache["prefix_abs"] = cache["prefix"].abs().reshape(s.x[0].numel(), -1)
         inputs.e, inputs.shared_abs, done = cache["prefix"], cache.get("prefix_abs"), relus[0]
@@ -200,9 +205,11 @@ def forward_bounds(
                 centre = centre + op.bias
             if idx >= done:
                 inputs.affine(op)
+            if idx >= moved:
+                delta = _affine(op, delta)
             for grp in groups:
                 grp.affine(op)
-        lo, up = inputs.bounds()
+        lo, up = inputs.bounds(0.0 if delta is None else delta.reshape(n, -1))
         for grp in groups:
             glo, gup = grp.bounds()
             lo, up = lo + glo, up + gup
@@ -214,6 +221,8 @@ def forward_bounds(
             break
         centre = centre * info.d
         inputs.relu(info.d)
+        if delta is not None:
+            delta = delta * info.d
         for grp in groups:
             grp.relu(info.d)
         counts = info.unstable.reshape(n, -1).sum(1)

@@ -69,26 +69,22 @@ class ProjectedInputColumns:
             self.cauchy = r * s.box_radius.unsqueeze(1)
         if s.ball_eps is not None:
             self.gauss = torch.randn(n, k, *x.shape[1:], dtype=x.dtype, device=x.device)
-        self.delta = s.box_delta
 
     def affine(self, op: Op) -> None:
         if self.cauchy is not None:
             self.cauchy = apply_batched(op.apply, self.cauchy, 2)
         if self.gauss is not None:
             self.gauss = apply_batched(op.apply, self.gauss, 2)
-        if self.delta is not None:
-            self.delta = op.apply(self.delta)
 
     def relu(self, d: Tensor) -> None:
         if self.cauchy is not None:
             self.cauchy = self.cauchy * d.unsqueeze(1)
         if self.gauss is not None:
             self.gauss = self.gauss * d.unsqueeze(1)
-        if self.delta is not None:
-            self.delta = self.delta * d
 
-    def bounds(self) -> tuple[Tensor, Tensor]:
-        """Estimated offsets ``(lo, up)``, ``(N, units)``, around the centre pass."""
+    def bounds(self, shift: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+        """Estimated offsets ``(lo, up)``, ``(N, units)``, around the centre pass; ``shift``
+        as for :meth:`.forward_form.InputColumns.bounds`."""
         s = self.s
         n = s.x.shape[0]
         ball = box = None
@@ -99,5 +95,4 @@ class ProjectedInputColumns:
         if self.cauchy is not None:
             cf = self.cauchy.reshape(n, self.cauchy.shape[1], -1)
             box = cf.abs().median(dim=1).values
-        shift = 0.0 if self.delta is None else self.delta.reshape(n, -1)
         return offsets(ball, box, shift, n)
