@@ -642,6 +642,21 @@ def test_robust_training_reduces_robust_loss(projection_dim):
     assert exact_loss() < 0.9 * before
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["ball", "ball-and-box"])
+def test_projected_l2_training_has_finite_gradients(clip):
+    """A unit whose Gaussian columns are all zero (inactive ReLUs upstream) has an estimated
+    ℓ2 half-width of 0; the gradient of sqrt at 0 must not turn the loss's gradient to NaN."""
+    net = tiny_conv(0)
+    x = torch.rand(5, 1, 5, 5, generator=torch.Generator().manual_seed(10))
+    y = net(x).argmax(1)
+    torch.manual_seed(11)
+    loss = robust_loss(net, x, y, eps=0.07, norm="l2", clip_box=clip, projection_dim=2)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]  # weights (biases: below)
+    assert len(grads) == 3 and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 @pytest.mark.statistical
 def test_projection_estimate_is_close_but_random():
     """Cauchy median estimate of eps·‖row‖₁ (first ReLU). The sample median of k draws of

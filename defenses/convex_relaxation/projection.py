@@ -25,6 +25,15 @@ from .relaxation import ReluRelaxation
 __all__ = ["ProjectedInputColumns", "ProjectedReluColumns"]
 
 
+def _sqrt_zero_safe(v: Tensor) -> Tensor:
+    """``sqrt(v)`` for ``v >= 0`` with gradient 0 instead of NaN (0 · inf) where ``v = 0``.
+
+    A unit whose columns are all zero (every path to it passes an inactive ReLU) has ``v = 0``.
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1.0).sqrt(), 0.0)
+
+
 class ProjectedReluColumns:
     """Estimate of one unstable layer's terms ``Σ_j l_j [∓v_j]_+`` (training only).
 
@@ -91,7 +100,7 @@ class ProjectedInputColumns:
         if self.gauss is not None:
             assert s.ball_eps is not None
             g = self.gauss.reshape(n, self.gauss.shape[1], -1)
-            ball = s.ball_eps[:, None] * g.square().mean(dim=1).sqrt()
+            ball = s.ball_eps[:, None] * _sqrt_zero_safe(g.square().mean(dim=1))
         if self.cauchy is not None:
             cf = self.cauchy.reshape(n, self.cauchy.shape[1], -1)
             box = cf.abs().median(dim=1).values
