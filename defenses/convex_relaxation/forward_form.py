@@ -181,8 +181,9 @@ def forward_bounds(
     # unlike the input columns it goes through the first affine block even when the cache
     # holds that block's image of the identity.
     delta = s.box_delta
-    exact = k is None or s.x[0].numel() <= k
-    inputs = InputColumns(s) if exact else ProjectedInputColumns(s, k)  # type: ignore[arg-type]
+    inputs: InputColumns | ProjectedInputColumns = (
+        ProjectedInputColumns(s, k) if k is not None and s.x[0].numel() > k else InputColumns(s)
+    )
     groups: list[ReluColumns | ProjectedReluColumns] = []
     infos: list[ReluRelaxation] = []
     done = 0  # the input columns already went through ops[:done]
