@@ -1,7 +1,7 @@
 """The ``certbench`` command line.
 
 Commands: ``run`` (a benchmark spec), ``train``, ``eval``, ``certify``, ``attack``,
-``defenses list|show``, ``leaderboard publish``, ``plot``. Shared options have one spelling
+``defenses list|show``, ``leaderboard publish|site``, ``plot``. Shared options have one spelling
 everywhere (``--dataset``, ``--data-dir``, ``--model``, ``--checkpoint``, ``--defense``,
 ``--norm``, ``--eps``, ``--limit``, ``--seed``, ``--device``, ``--batch-size``). Results
 print as a short table and, with ``--output FILE``, are written as JSON. Every error is one
@@ -375,6 +375,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).is_file():
         raise ConfigError(f"store {args.store} does not exist; run `certbench run SPEC` first")
+    if args.action == "site":
+        from bench.site import build_site
+
+        title = {"title": args.title} if args.title else {}
+        store = Store(args.store)
+        index = build_site(store, args.out, spec_name=args.spec_name, rank_by=args.rank_by, **title)
+        print(index.resolve())  # the page to open (file://, no server needed)
+        return 0
     paths = publish(Store(args.store), args.out, spec_name=args.spec_name, rank_by=args.rank_by)
     for p in paths:
         print(p)
@@ -535,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     p.set_defaults(func=cmd_defenses)
 
-    p = sub.add_parser("leaderboard", help="publish leaderboard CSVs from the store")
+    p = sub.add_parser(
+        "leaderboard", help="publish leaderboard CSVs (or their site) from the store"
+    )
     lsub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     q = lsub.add_parser("publish", help="write leaderboards/<dataset>-<norm>.csv and results.csv")
     q.add_argument("--store", default=DEFAULT_STORE)
@@ -548,6 +558,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranking: the robust-accuracy interval's upper end (accuracy under the attack "
         "ensemble at the headline budget; default) or lower end (guaranteed accuracy there), "
         "clean accuracy, or accuracy under attack at the smallest/largest budget",
+    )
+    q = lsub.add_parser(
+        "site",
+        help="write a static HTML site of the boards (works offline from file://)",
+        description="Write index.html, one page per board and one per row (sortable tables, "
+        "SVG curves, provenance, citations) under --out; prints the path of index.html.",
+    )
+    q.add_argument("--store", default=DEFAULT_STORE)
+    q.add_argument("--out", required=True, help="site directory, e.g. leaderboards/site/digits")
+    q.add_argument("--spec-name", default=None, help="only cells of this spec")
+    q.add_argument("--rank-by", default="smallest-eps", choices=RANK_BY, help="as for publish")
+    q.add_argument(
+        "--title", default=None, help="the site's title (default: certbench leaderboards)"
     )
     p.set_defaults(func=cmd_leaderboard)
 
