@@ -9,7 +9,7 @@ By default ``z`` comes from torch's global generator, which is what training and
 forward passes (attacks) use. The sampling engine (:mod:`bench.sampling`) instead installs a
 *noise source* with :func:`noise_source`: a callable ``source(kind, shape, like) -> Tensor``
 that returns the pre-generated, per-example-seeded noise for the rows being evaluated. That
-makes certified results independent of batch size and of how a test set is sharded. A source
+makes the draws independent of batch size and of how a test set is sharded. A source
 may also have a method ``add(kind, h, scale) -> Tensor`` returning ``h + scale * z`` itself
 (rounded exactly as that expression: ``scale * z`` first); a noise layer at prediction uses
 it, so the engine can form the noisy activation in the buffer it has just filled with ``z``

@@ -5,10 +5,10 @@ units, for a base classifier ``f``. Training is Gaussian data augmentation at th
 defended network is ``NoiseLayer("gaussian", σ) → f``, so each forward pass of the runner's
 training loop adds one fresh noise draw per example (no clipping to [0, 1], as in the paper).
 
-Prediction and certification are Cohen et al.'s PREDICT and CERTIFY, run on ``f`` by the shared
-sampling engine (:func:`bench.sampling.smoothed_predict`, :func:`bench.sampling.smoothed_certify`),
-which adds the noise itself, seeded per example (``seed`` + global ``indices``), so results do
-not depend on batch size or sharding. CERTIFY guarantees, with probability ``>= 1 − alpha``
+Prediction and certification are Cohen et al.'s PREDICT and CERTIFY
+(:mod:`bench.sampling.cohen`), run on ``f`` by the shared sampling engine, which adds the noise
+itself, seeded per example (``seed`` + global ``indices``), so the draws do not depend on batch
+size or sharding. CERTIFY guarantees, with probability ``>= 1 − alpha``
 over the draws, ``g(x + δ) = label`` for all ``‖δ‖₂ < R = σ Φ⁻¹(p̲_A)``. Conservative
 conversions of that ℓ2 radius are reported too: ``R/√d`` for ℓ∞ (``d = C·H·W``) and ``R``
 for ℓ1 (:func:`bench.certificates.convert_radius`).
@@ -17,23 +17,21 @@ for ℓ1 (:func:`bench.certificates.convert_radius`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from bench.certificates import convert_radius
-from bench.errors import CheckpointError, ConfigError
+from bench.errors import CheckpointError
 from bench.noise import NoiseLayer
 from bench.registry import register_defense
 from bench.sampling import DEFAULT_BLOCK_SIZE, smoothed_certify, smoothed_predict
-from defenses.base import ABSTAIN, NORMS, Certificate, Defense
+from bench.threat import NORMS
+from bench.validation import check_choice, check_int, check_number
+from defenses.base import ABSTAIN, Certificate, Defense, DefenseRecord
 
 BOUND = "cohen-gaussian"
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @register_defense("randomized-smoothing")
@@ -78,23 +76,24 @@ class RandomizedSmoothing(Defense):
         n_predict: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
-        if not (
-            isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 < sigma < math.inf
-        ):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        _check_positive_int("n0", n0)
-        _check_positive_int("n", n)
-        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        check_number(sigma, "sigma", low=0.0, low_open=True)
+        check_int(n0, "n0", minimum=1)
+        check_int(n, "n", minimum=1)
+        check_number(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
         if n_predict is not None:
-            _check_positive_int("n_predict", n_predict)
-        _check_positive_int("block_size", block_size)
+            check_int(n_predict, "n_predict", minimum=1)
+        check_int(block_size, "block_size", minimum=1)
         self.sigma = sigma
         self.n0 = n0
         self.n = n
         self.alpha = alpha
         self.n_predict = n_predict
         self.block_size = block_size
+
+    def record(self) -> DefenseRecord:
+        """Board row: ``n`` estimation draws per certificate, confidence ``alpha``, Cohen's
+        Gaussian bound."""
+        return DefenseRecord(n_draws=self.n, alpha=self.alpha, bound=BOUND)
 
     # ------------------------------------------------------------------ building
     def build(self, model: nn.Module) -> nn.Module:
@@ -103,11 +102,11 @@ class RandomizedSmoothing(Defense):
         return nn.Sequential(NoiseLayer("gaussian", float(self.sigma)), model)
 
     def _engine_kwargs(self, batch_size: int | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"num_classes": self.num_classes_, "batch_size": batch_size}
-        if self.block_size != DEFAULT_BLOCK_SIZE:
-            # Only passed when not the engine's default, so the record stays the same either way.
-            kw["block_size"] = self.block_size
-        return kw
+        return {
+            "num_classes": self.num_classes_,
+            "batch_size": batch_size,
+            "block_size": self.block_size,
+        }
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -143,6 +142,7 @@ class RandomizedSmoothing(Defense):
         seed: int = 0,
         indices: Tensor | None = None,
         batch_size: int | None = None,
+        radii: Sequence[float] | None = None,
     ) -> Certificate:
         """Cohen's CERTIFY on ``x`` ``(N, C, H, W)`` in [0, 1].
 
@@ -151,10 +151,9 @@ class RandomizedSmoothing(Defense):
         (``R``), all 0 on abstain, bound ``"cohen-gaussian"``. With probability
         ``>= 1 − alpha`` per example, ``g(x + δ) = label`` for every ``δ`` of smaller norm.
         All three norms are always reported; ``norm`` (the runner's threat model) must be one
-        of ``"l1"``, ``"l2"``, ``"linf"``.
+        of ``"l1"``, ``"l2"``, ``"linf"``. ``radii`` is ignored: the certificate is a radius.
         """
-        if norm not in NORMS:
-            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        check_choice(norm, "norm", NORMS)
         self.model_.eval()
         labels, r_l2 = smoothed_certify(
             self.base_classifier_,

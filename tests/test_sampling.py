@@ -1,4 +1,4 @@
-"""Tests of the noise-sampling engine (bench/sampling.py).
+"""Tests of the noise-sampling engine (the bench/sampling package).
 
 Oracles: the documented seeding contract recomputed by hand (splitmix64 reference values,
 one generator per (example, block)), torch's own RNG for the distribution of noisy outputs,
@@ -92,9 +92,9 @@ def _expected_noise(
 def test_splitmix64_reference_values() -> None:
     # Vigna's splitmix64 started at state 0 outputs 0xE220A8397B1DCDAF first; block_seed
     # chains it, so block_seed(0, 0, 0, 0) is splitmix64 applied four times to that chain.
-    from bench.sampling import _splitmix64
+    from bench.sampling.seeding import splitmix64
 
-    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    assert splitmix64(0) == 0xE220A8397B1DCDAF
     seeds = {
         block_seed(s, i, t, b)
         for s in range(3)
@@ -469,13 +469,13 @@ def test_sites_of_equal_shape_get_different_noise() -> None:
 def test_packed_streams_equal_separate_calls() -> None:
     # CERTIFY packs selection and estimation rows into shared passes (request-major order,
     # so one pass can hold the last examples of one stream and the first of the next).
-    from bench.sampling import _sample_streams
+    from bench.sampling.engine import sample_streams
 
     model = nn.Sequential(NoiseLayer("gaussian", 0.5), _base_cnn())
     x = _inputs(5)
     kw = dict(num_classes=K, seed=9, indices=torch.arange(10, 15), block_size=40)
     for bs in (35, 100, 1000):
-        sel, est = _sample_streams(
+        sel, est = sample_streams(
             model, x, [(SELECTION, 30), (ESTIMATION, 90)], batch_size=bs, softmax=True, **kw
         )
         for got, stream, n in ((sel, SELECTION, 30), (est, ESTIMATION, 90)):
@@ -592,13 +592,13 @@ def test_noisy_inputs_are_x_plus_scale_times_z_bit_for_bit(dtype, shape) -> None
 
 @pytest.mark.parametrize("rows", [1, 1000, 7000])  # 7000 x 10: more than one inline piece
 def test_argmax_rows_is_argmax_with_ties_and_nan(rows: int) -> None:
-    from bench.sampling import _argmax_rows
+    from bench.sampling.runner import argmax_rows
 
     g = torch.Generator().manual_seed(rows)
     scores = torch.randint(0, 3, (rows, 10), generator=g).float()  # many ties
     scores[torch.rand(rows, 10, generator=g) < 0.02] = float("nan")
     scores[torch.rand(rows, 10, generator=g) < 0.02] = float("inf")
-    assert torch.equal(_argmax_rows(scores), scores.argmax(dim=1))
+    assert torch.equal(argmax_rows(scores), scores.argmax(dim=1))
 
 
 # --------------------------------------------------------------------------- CPU pipelines
@@ -790,30 +790,31 @@ def test_out_of_memory_in_pipelines_keeps_results_identical() -> None:
 
 
 def test_units_keep_the_passes_of_a_split_block_together() -> None:
-    from bench.sampling import _plan, _units
+    from bench.sampling.plan import plan_passes, work_units
 
     # 2 examples x 25 draws, blocks of 10 (10, 10, 5), passes of at most 4 rows: each
     # 10-row block is split in 3 passes (one unit), a 5-row block in 2 (one unit).
-    units = list(_units(_plan(2, [(ESTIMATION, 25)], 10, 4)))
+    units = list(work_units(plan_passes(2, [(ESTIMATION, 25)], 10, 4)))
     assert [len(u) for u in units] == [3, 3, 2, 3, 3, 2]
     for unit in units:
         assert len({(seg[0], seg[1], seg[2]) for chunk in unit for seg in chunk}) == 1
     # passes of whole blocks are units of their own
-    units = list(_units(_plan(3, [(SELECTION, 5), (ESTIMATION, 20)], 10, 12)))
+    units = list(work_units(plan_passes(3, [(SELECTION, 5), (ESTIMATION, 20)], 10, 12)))
     assert all(len(u) == 1 for u in units)
     rows = sum(seg[5] - seg[4] for u in units for chunk in u for seg in chunk)
     assert rows == 3 * 25
 
 
 def test_number_of_pipelines() -> None:
-    from bench.sampling import MAX_CPU_WORKERS, _pipelines
+    from bench.sampling import MAX_CPU_WORKERS
+    from bench.sampling.pipelines import pipeline_count
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _pipelines(None, cpu, 2) == 2  # default: one per intra-op thread
-    assert _pipelines(None, cpu, 1) == 1
-    assert _pipelines(None, cpu, 64) == MAX_CPU_WORKERS
-    assert _pipelines(3, cpu, 2) == 3  # asked for: as many, sharing the threads
-    assert _pipelines(4, cuda, 8) == 1  # accelerators: the calling thread
+    assert pipeline_count(None, cpu, 2) == 2  # default: one per intra-op thread
+    assert pipeline_count(None, cpu, 1) == 1
+    assert pipeline_count(None, cpu, 64) == MAX_CPU_WORKERS
+    assert pipeline_count(3, cpu, 2) == 3  # asked for: as many, sharing the threads
+    assert pipeline_count(4, cuda, 8) == 1  # accelerators: the calling thread
     # and never more pipelines than units of work (one unit: the calling thread)
     rec = _SlowRecorder()
     model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
@@ -824,14 +825,15 @@ def test_number_of_pipelines() -> None:
 def test_pipelines_share_the_memory_budget() -> None:
     # The default pass size divides the budget among the pipelines (then fills passes with
     # whole blocks, or equal pieces of one): each pass of two pipelines holds half the rows.
-    from bench.sampling import MEMORY_BUDGET_BYTES, _row_bytes, default_batch_size
+    from bench.sampling import MEMORY_BUDGET_BYTES, default_batch_size
+    from bench.sampling.memory import row_bytes
 
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Conv2d(1, 256, 3, padding=1), nn.Flatten(), nn.Linear(256 * 64, K))
     model = nn.Sequential(NoiseLayer("gaussian", 0.5), wide)
     x = _inputs(1)  # ~130 KB per row: a 1000-row block needs several passes
     with torch.inference_mode():
-        per_row = _row_bytes(model, x)
+        per_row = row_bytes(model, x)
     one = default_batch_size(model, x, workers=1)
     two = default_batch_size(model, x, workers=2)
     budget_rows = MEMORY_BUDGET_BYTES["cpu"] // per_row
@@ -842,22 +844,23 @@ def test_pipelines_share_the_memory_budget() -> None:
 
 
 def test_workers_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.sampling import WORKERS_ENV, _pipelines
+    from bench.sampling import WORKERS_ENV
+    from bench.sampling.pipelines import pipeline_count
 
     cpu = torch.device("cpu")
     monkeypatch.setenv(WORKERS_ENV, "1")
-    assert _pipelines(None, cpu, 2) == 1
-    assert _pipelines(2, cpu, 2) == 2  # an explicit argument wins
+    assert pipeline_count(None, cpu, 2) == 1
+    assert pipeline_count(2, cpu, 2) == 2  # an explicit argument wins
     for bad in ("0", "two", "1.5"):
         monkeypatch.setenv(WORKERS_ENV, bad)
         with pytest.raises(
             ConfigError, match=f"{WORKERS_ENV} must be an integer >= 1, got '{bad}'"
         ):
-            _pipelines(None, cpu, 2)
+            pipeline_count(None, cpu, 2)
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_rejects_bad_workers(workers: object) -> None:
     model = nn.Sequential(NoiseLayer("gaussian", 0.5), _Recorder())
-    with pytest.raises(ConfigError, match="workers must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="workers must be a positive integer"):
         sample(model, torch.zeros(1, 1, 4, 4), 10, num_classes=K, workers=workers)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from bench.errors import CheckpointError, ConfigError
 from bench.noise import NoiseLayer
 from bench.registry import create_defense
 from bench.sampling import ESTIMATION, SELECTION, sample
-from defenses.base import ABSTAIN, TrainProgress
+from defenses.base import ABSTAIN, DefenseRecord, TrainProgress
 from defenses.madry import pgd
 from defenses.smoothing import RandomizedSmoothing
 
@@ -174,6 +174,34 @@ def test_certify_and_predict_shapes_and_abstain_convention():
     assert (cert.labels == ABSTAIN).all()
     assert all((r == 0).all() for r in cert.radii.values())
     assert (d.predict(flat, seed=0) == ABSTAIN).all()
+
+
+def test_record_declares_draws_alpha_and_bound():
+    d = create_defense("randomized-smoothing", sigma=0.5, n0=30, n=4000, alpha=0.01)
+    assert d.record() == DefenseRecord(n_draws=4000, alpha=0.01, bound="cohen-gaussian")
+
+
+def test_non_default_block_size_reaches_the_engine():
+    # block_size used to be forwarded to smoothed_certify / smoothed_predict, which did not
+    # take it (TypeError). Now both run, with the engine's draws for that block size.
+    sigma, n, alpha = 0.25, 700, 0.05
+    probs = torch.tensor([0.7, 0.9, 0.99, 0.55], dtype=torch.float64)
+    x = torch.full((len(probs), *SHAPE), 0.5)
+    x[:, 0, 0, 0] = (0.5 - sigma * torch.from_numpy(stats.norm.ppf(probs.numpy()))).float()
+    kw = dict(sigma=sigma, n0=20, n=n, n_predict=n, alpha=alpha)
+    d = _setup(Threshold(), block_size=300, **kw)
+    cert = d.certify(x, norm="l2", seed=2)
+    noisy = nn.Sequential(NoiseLayer("gaussian", sigma), Threshold())
+    est = sample(noisy, x, n, num_classes=10, seed=2, stream=ESTIMATION, block_size=300)
+    sel = sample(noisy, x, 20, num_classes=10, seed=2, stream=SELECTION, block_size=300)
+    n_a = est.counts.gather(1, sel.counts.argmax(1)[:, None])[:, 0].numpy()
+    lcb = stats.beta.ppf(alpha, n_a, n - n_a + 1)
+    want = torch.from_numpy(sigma * stats.norm.ppf(lcb)).clamp_min(0.0)
+    assert (want > 0).sum() >= 3
+    torch.testing.assert_close(cert.radii["l2"], want, rtol=1e-9, atol=1e-12)
+    default = _setup(Threshold(), **kw).certify(x, norm="l2", seed=2)
+    assert not torch.equal(default.radii["l2"], cert.radii["l2"])  # other blocks, other draws
+    assert torch.equal(d.predict(x, seed=2)[:3], torch.zeros(3, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------- exact radii
