@@ -29,6 +29,7 @@ from bench.sampling import (
     smoothed_certify,
     smoothed_predict,
 )
+from bench.sampling.seeding import seed_generator
 
 K = 10
 
@@ -83,9 +84,18 @@ def _expected_noise(
     blocks = []
     for b in range(-(-n // block_size)):
         rows = min(block_size, n - b * block_size)
-        g = torch.Generator().manual_seed(block_seed(seed, index, stream, b))
-        blocks.append(sample_standard(kind, (rows, *shape), generator=g))
+        blocks.append(
+            sample_standard(
+                kind, (rows, *shape), generator=_block_generator(seed, index, stream, b)
+            )
+        )
     return torch.cat(blocks)
+
+
+def _block_generator(seed: int, index: int, stream: int, block: int) -> torch.Generator:
+    g = torch.Generator()
+    seed_generator(g, block_seed(seed, index, stream, block))
+    return g
 
 
 # --------------------------------------------------------------------------- seeding contract
@@ -104,6 +114,87 @@ def test_splitmix64_reference_values() -> None:
     }
     assert len(seeds) == 3 * 3 * 4 * 3  # distinct fields give distinct seeds
     assert all(0 <= s < 2**64 for s in seeds)
+
+
+def _mt19937_init_genrand(seed32: int) -> np.ndarray:
+    """Matsumoto & Nishimura's init_genrand: the 624 state words MT19937 seeds from 32 bits."""
+    mt = [seed32]
+    for i in range(1, 624):
+        mt.append((1812433253 * (mt[-1] ^ (mt[-1] >> 30)) + i) & 0xFFFFFFFF)
+    return np.array(mt, dtype=np.uint32)
+
+
+def test_cpu_generator_state_layout_is_the_one_seed_generator_writes() -> None:
+    # Oracle: torch's own manual_seed on a 32-bit seed. The state bytes built from the
+    # reference init_genrand words must equal get_state() after manual_seed, and draw alike.
+    from bench.sampling.seeding import mt19937_state
+
+    for seed32 in (0, 1, 0x082EDC29, 2**32 - 1):
+        reference = torch.Generator().manual_seed(seed32)
+        built = mt19937_state(_mt19937_init_genrand(seed32), seed32)
+        assert torch.equal(built, reference.get_state()), seed32
+        g = torch.Generator()
+        g.set_state(built)
+        for dtype in (torch.float32, torch.float64):  # small (< 16) and vectorised paths
+            for size in (5, 1000):
+                a = torch.randn(size, generator=g, dtype=dtype)
+                assert torch.equal(a, torch.randn(size, generator=reference, dtype=dtype))
+
+
+def test_seed_generator_fills_the_twister_with_the_splitmix64_stream() -> None:
+    from bench.sampling.seeding import splitmix64
+
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+    for seed in (0, 2**64 - 1, block_seed(0, 173139, ESTIMATION, 0)):
+        g = torch.Generator()
+        seed_generator(g, seed)
+        state = g.get_state().numpy()
+        words = state[24 : 24 + 8 * 624].view(np.uint64)
+        outputs = [splitmix64((seed + i * golden) & mask) for i in range(312)]
+        want = [w for z in outputs for w in (z & 0xFFFFFFFF, z >> 32)]  # low half first
+        assert words.tolist() == want
+        assert g.initial_seed() == seed
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [((173139, ESTIMATION), (384763, ESTIMATION)), ((292422, SELECTION), (256274, ESTIMATION))],
+)
+def test_block_seeds_equal_in_their_low_32_bits_get_different_noise(first, second) -> None:
+    # With run seed 0 these (example, stream) pairs have block seeds that differ but share
+    # their low 32 bits: torch's CPU manual_seed keeps only those, so seeding with it gave
+    # the two examples identical noise. seed_generator uses all 64 bits.
+    seeds = [block_seed(0, index, stream, 0) for index, stream in (first, second)]
+    assert seeds[0] != seeds[1] and seeds[0] % 2**32 == seeds[1] % 2**32
+    truncated = [torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert torch.equal(truncated[0], truncated[1])  # the scenario this test guards against
+    draws = []
+    for index, stream in (first, second):
+        rec = _Recorder()
+        model = nn.Sequential(NoiseLayer("gaussian", 1.0), rec)
+        sample(
+            model,
+            torch.zeros(1, 1, 4, 4),
+            50,
+            num_classes=K,
+            seed=0,
+            stream=stream,
+            indices=torch.tensor([index]),
+            workers=1,
+        )
+        draws.append(rec.recorded(1, 50))
+    assert not torch.isclose(draws[0], draws[1]).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generator_keeps_all_64_bits_of_the_seed() -> None:
+    seeds = [block_seed(0, 173139, ESTIMATION, 0), block_seed(0, 384763, ESTIMATION, 0)]
+    draws = []
+    for seed in seeds:
+        g = torch.Generator(device="cuda")
+        seed_generator(g, seed)
+        draws.append(torch.randn(64, generator=g, device="cuda"))
+    assert not torch.isclose(draws[0], draws[1]).any()
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "laplace"])
@@ -397,13 +488,14 @@ def test_certified_bound_covers_known_p_a() -> None:
 
 def test_certify_uses_fresh_estimation_draws() -> None:
     # CERTIFY = argmax of the SELECTION-stream counts, bound from the ESTIMATION-stream counts.
+    # (Seed 3 gives certified and abstaining examples, so both branches are compared.)
     base = _base_cnn()
     x = _inputs(6)
     sigma, n0, n, alpha = 0.5, 30, 200, 0.05
-    labels, radii = smoothed_certify(base, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=8)
+    labels, radii = smoothed_certify(base, x, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=3)
     noisy = nn.Sequential(NoiseLayer("gaussian", sigma), base)
-    sel = sample(noisy, x, n0, num_classes=K, seed=8, stream=SELECTION).counts
-    est = sample(noisy, x, n, num_classes=K, seed=8, stream=ESTIMATION).counts
+    sel = sample(noisy, x, n0, num_classes=K, seed=3, stream=SELECTION).counts
+    est = sample(noisy, x, n, num_classes=K, seed=3, stream=ESTIMATION).counts
     c_hat = sel.argmax(1)
     n_a = est.gather(1, c_hat[:, None])[:, 0].numpy()
     # statsmodels' Clopper-Pearson interval, as Cohen et al. and ART use it
@@ -583,7 +675,7 @@ def test_noisy_inputs_are_x_plus_scale_times_z_bit_for_bit(dtype, shape) -> None
         for i in range(2):
             z = []
             for b in range(-(-n // block)):
-                g = torch.Generator().manual_seed(block_seed(4, i, ESTIMATION, b))
+                g = _block_generator(4, i, ESTIMATION, b)
                 rows = min(block, n - b * block)
                 z.append(sample_standard("gaussian", (rows, *shape), dtype=dtype, generator=g))
             want = x[i] + model[0].scale * torch.cat(z)  # the layer's scale, in dtype
