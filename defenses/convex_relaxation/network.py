@@ -163,43 +163,43 @@ def parse_network(model: nn.Module, in_shape: Sequence[int]) -> list[Op]:
     like = dict(device=param.device, dtype=param.dtype) if param is not None else {}
     ops: list[Op] = []
     shape = tuple(int(s) for s in in_shape)
-    with torch.no_grad():
-        v = torch.zeros(1, *shape, **like)
-        for i, layer in enumerate(_leaf_modules(model)):
-            where = f"layer {i} ({type(layer).__name__})"
-            if isinstance(layer, nn.Conv2d):
-                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                    raise ConfigError(
-                        f"Wong–Kolter: {where} uses padding={layer.padding!r}, "
-                        f"padding_mode={layer.padding_mode!r}; only numeric zero padding is "
-                        "supported"
-                    )
-            elif isinstance(layer, nn.Flatten):
-                if layer.start_dim != 1 or layer.end_dim != -1:
-                    raise ConfigError(
-                        f"Wong–Kolter: {where} must flatten dims 1..-1 (start_dim=1, end_dim=-1)"
-                    )
-            elif not isinstance(layer, nn.Linear | nn.ReLU):
+    v = torch.zeros(1, *shape, **like)
+    for i, layer in enumerate(_leaf_modules(model)):
+        where = f"layer {i} ({type(layer).__name__})"
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ConfigError(
-                    f"Wong–Kolter bounds do not support {where}; supported layers: "
-                    f"{SUPPORTED_LAYERS}"
+                    f"Wong–Kolter: {where} uses padding={layer.padding!r}, "
+                    f"padding_mode={layer.padding_mode!r}; only numeric zero padding is "
+                    "supported"
                 )
-            try:
-                out = layer(v)
-            except RuntimeError as exc:
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
                 raise ConfigError(
-                    f"Wong–Kolter: {where} does not accept inputs of shape {shape}: {exc}"
-                ) from exc
-            out_shape = tuple(out.shape[1:])
-            if isinstance(layer, nn.Linear):
-                ops.append(LinearOp(layer, shape, out_shape))
-            elif isinstance(layer, nn.Conv2d):
-                ops.append(Conv2dOp(layer, shape, out_shape))
-            elif isinstance(layer, nn.Flatten):
-                ops.append(FlattenOp(shape, out_shape))
-            else:
-                ops.append(ReluOp(shape))
-            v, shape = out, out_shape
+                    f"Wong–Kolter: {where} must flatten dims 1..-1 (start_dim=1, end_dim=-1)"
+                )
+        elif not isinstance(layer, nn.Linear | nn.ReLU):
+            raise ConfigError(
+                f"Wong–Kolter bounds do not support {where}; supported layers: "
+                f"{SUPPORTED_LAYERS}"
+            )
+        try:
+            with torch.no_grad():  # a shape probe; the ops below keep the weights' graph
+                out = layer(v)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"Wong–Kolter: {where} does not accept inputs of shape {shape}: {exc}"
+            ) from exc
+        out_shape = tuple(out.shape[1:])
+        if isinstance(layer, nn.Linear):
+            ops.append(LinearOp(layer, shape, out_shape))
+        elif isinstance(layer, nn.Conv2d):
+            ops.append(Conv2dOp(layer, shape, out_shape))
+        elif isinstance(layer, nn.Flatten):
+            ops.append(FlattenOp(shape, out_shape))
+        else:
+            ops.append(ReluOp(shape))
+        v, shape = out, out_shape
     if len(shape) != 1:
         raise ConfigError(
             f"Wong–Kolter: the network must end in flat logits (N, K); its output per example "
