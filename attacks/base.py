@@ -33,7 +33,7 @@ names and parameters raise :class:`bench.errors.ConfigError` listing what is all
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,6 +389,7 @@ def rescore(
     indices: Tensor | None = None,
     batch_size: int | None = None,
     certify: bool = True,
+    radii: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Judge adversarial examples the way the defense judges clean inputs.
 
@@ -408,6 +409,8 @@ def rescore(
         certify: when ``norm`` is in ``defense.certifies``, judge with :meth:`Defense.certify`
             and return the certified radius on the attacked input (for robust precision under
             attack); its labels are the prediction.
+        radii: the radii (thresholds) the caller will score the certified radius at, passed
+            to :meth:`Defense.certify` (a defense that tests per radius may use them).
 
     Returns:
         ``(pred_adv, radius_adv)``: ``(N,)`` int64 predictions (``-1`` = abstain, counts as
@@ -420,7 +423,9 @@ def rescore(
     x_adv = x_adv.detach()
     s = int(seed) + RESCORE_SEED_OFFSET if defense_is_randomized(defense) else int(seed)
     if certify and norm in defense.certifies:
-        cert = defense.certify(x_adv, norm=norm, seed=s, indices=indices, batch_size=batch_size)
+        cert = defense.certify(
+            x_adv, norm=norm, seed=s, indices=indices, batch_size=batch_size, radii=radii
+        )
         labels = cert.labels.to(torch.int64)
         return labels, cert.radius(norm).to(device=labels.device, dtype=torch.float64)
     labels = defense.predict(x_adv, seed=s, indices=indices, batch_size=batch_size)

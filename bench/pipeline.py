@@ -243,6 +243,7 @@ def attack_all(
     seed: int,
     offset: int = 0,
     eval_batch_size: int | None = None,
+    thresholds: Sequence[float] | None = None,
     on_chunk: Callable[[int], Any] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attack rows ``x`` ``(N, C, H, W)`` (test examples ``offset …``) at budget ``eps`` and
@@ -251,7 +252,8 @@ def attack_all(
     ``attack`` is ``{"library", "name", "params"}``. Attacks run in chunks of
     :data:`ATTACK_CHUNK` examples; a chunk starting at global index ``a`` is attacked with
     seed ``_chunk_seed(seed, a)``, so the result depends only on ``seed`` and the examples.
-    ``offset`` must be a multiple of :data:`ATTACK_CHUNK`.
+    ``offset`` must be a multiple of :data:`ATTACK_CHUNK`. ``thresholds`` are the radii the
+    attacked inputs' certificates will be scored at (robust precision under attack).
 
     Returns ``(pred_adv, radius_adv)``: ``(N,)`` predictions on the attacked inputs and, when
     the defense certifies ``norm``, their certified radii (else ``None``).
@@ -285,6 +287,7 @@ def attack_all(
             indices=torch.arange(offset + a, offset + b),
             batch_size=eval_batch_size,
             certify=certifies,
+            radii=thresholds,
         )
         preds.append(p_adv.cpu())
         radii.append(None if r_adv is None else r_adv.cpu())
@@ -369,7 +372,9 @@ def evaluate_shard(
     ds = dataset_for(cell)
     x, y = ds.x_test[start:stop], ds.y_test[start:stop]
     eval_bs = cell.eval.get("batch_size")
-    radii = cell.threat.get("radii", [])
+    thresholds = cell.threat.get("thresholds", [])
+    # every radius the metrics score a certificate at: the radii and the thresholds
+    radii = sorted({*cell.threat.get("radii", []), *thresholds})
     if cell.norm in d.certifies:
         cert = certify_all(
             d,
@@ -412,6 +417,7 @@ def evaluate_shard(
                 seed=cell.seed,
                 offset=start,
                 eval_batch_size=eval_bs,
+                thresholds=thresholds,
                 on_chunk=bar.update,
             )
     return out
