@@ -1,7 +1,7 @@
 """The ``certbench`` command line.
 
 Commands: ``run`` (a benchmark spec), ``train``, ``eval``, ``certify``, ``attack``,
-``defenses list|show``, ``leaderboard publish|site``, ``plot``. Shared options have one spelling
+``defenses list|show``, ``attacks list``, ``leaderboard publish|site``, ``plot``. Shared options have one spelling
 everywhere (``--dataset``, ``--data-dir``, ``--model``, ``--checkpoint``, ``--defense``,
 ``--norm``, ``--eps``, ``--limit``, ``--seed``, ``--device``, ``--batch-size``). Results
 print as a short table and, with ``--output FILE``, are written as JSON. Every error is one
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from bench.metrics import metric_key
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-_TORCH_COMMANDS = frozenset({"run", "train", "eval", "certify", "attack", "defenses"})
+_TORCH_COMMANDS = frozenset({"run", "train", "eval", "certify", "attack", "defenses", "attacks"})
 """Commands that import torch and the defense plugins (done up front, interrupts held)."""
 DEFAULT_STORE = "runs/certbench.sqlite"
 
@@ -369,6 +370,29 @@ def cmd_defenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from attacks import get_attack, list_attacks
+    from bench.registry import ATTACKS, broken_plugins
+
+    rows = []
+    for key in list_attacks():
+        if args.pattern and not fnmatch.fnmatchcase(key, args.pattern):
+            continue
+        entry = get_attack(*key.split(":"))
+        rows.append(
+            {
+                "attack": key,
+                "norms": ",".join(entry.norms),
+                "package": ATTACKS.package(key),
+                "summary": entry.summary,
+            }
+        )
+    _print_table(rows)
+    for name, err in broken_plugins().items():
+        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import publish
     from bench.store import Store
@@ -542,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("show", help="parameters with defaults and their meaning")
     q.add_argument("name")
     p.set_defaults(func=cmd_defenses)
+
+    p = sub.add_parser("attacks", help="list registered attack adapters with their norms")
+    asub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = asub.add_parser("list", help="library:name, supported norms, package, summary")
+    q.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'autoattack:*'")
+    p.set_defaults(func=cmd_attacks)
 
     p = sub.add_parser(
         "leaderboard", help="publish leaderboard CSVs (or their site) from the store"

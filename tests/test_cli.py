@@ -365,3 +365,15 @@ def test_eval_certify_attack_need_only_the_test_files(capsys, tmp_path):
     rc, _, err = _run(capsys, "train", "--dataset", "fashion-mnist", "--data-dir", str(data),
                       "--out", str(tmp_path / "ck"), "--quiet")  # fmt: skip
     assert rc == 2 and "train-images-idx3-ubyte" in _one_line_error(err)
+
+
+def test_attacks_list_shows_adapters_with_norms(capsys):
+    rc, out, err = _run(capsys, "attacks", "list")
+    assert rc == 0, err
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[2:]}
+    assert "certbench:pgd" in lines and "linf,l2" in lines["certbench:pgd"]
+    assert (
+        "linf" in lines["torchattacks:fgsm"] and "l2" not in lines["torchattacks:fgsm"].split()[1]
+    )
+    rc, out, _ = _run(capsys, "attacks", "list", "autoattack:*")
+    assert rc == 0 and all(ln.startswith("autoattack:") for ln in out.splitlines()[2:])
