@@ -2,10 +2,10 @@
 
 Commands: ``run`` (a benchmark spec), ``train``, ``eval``, ``certify``, ``attack``,
 ``defenses list|show``, ``attacks list``, ``leaderboard publish|site``, ``plot``. Shared
-options have one spelling everywhere (``--dataset``, ``--data-dir``, ``--model``, ``--checkpoint``, ``--defense``,
-``--norm``, ``--eps``, ``--limit``, ``--seed``, ``--device``, ``--batch-size``). Results
-print as a short table and, with ``--output FILE``, are written as JSON. Every error is one
-line on stderr and a non-zero exit status.
+options have one spelling everywhere (``--dataset``, ``--data-dir``, ``--model``,
+``--checkpoint``, ``--defense``, ``--norm``, ``--eps``, ``--limit``, ``--seed``, ``--device``,
+``--batch-size``). Results print as a short table and, with ``--output FILE``, are written as
+JSON. Every error is one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
