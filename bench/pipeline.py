@@ -542,8 +542,9 @@ def attack_label(attack: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None)
     by `` + `` (the board's ``attack`` column)."""
     if not attack:
         return None
-    if not isinstance(attack, Mapping):
-        return " + ".join(str(attack_label(a)) for a in attack)
+    if not isinstance(attack, Mapping):  # an ensemble (an attack listed twice, e.g. at
+        # different budgets or limits, is named once)
+        return " + ".join(dict.fromkeys(str(attack_label(a)) for a in attack))
     params = attack.get("params", {})
     extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
     label = f"{attack.get('library', 'certbench')}:{attack.get('name', 'pgd')}"

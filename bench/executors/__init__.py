@@ -25,8 +25,10 @@ EXECUTORS = {"local": "bench.executors.local", "ray": "bench.executors.ray_execu
 
 
 def _summary_row(cell, result: dict[str, Any]) -> dict[str, Any]:
-    """One printed line per cell: accuracy, the largest-radius guaranteed accuracy, the
-    smallest-budget accuracy under attack (when present)."""
+    """One printed line per cell: accuracy and, at the headline budget (the spec's, else the
+    smallest attack budget), guaranteed accuracy and accuracy under attack."""
+    from bench.metrics import metric_key
+
     m = result["metrics"]
     row: dict[str, Any] = {
         "defense": cell.label or cell.defense,
@@ -35,12 +37,13 @@ def _summary_row(cell, result: dict[str, Any]) -> dict[str, Any]:
         "seed": cell.seed,
         "accuracy": m.get("accuracy"),
     }
-    guaranteed = [k for k in m if k.startswith("guaranteed_accuracy@")]
-    attacked = [k for k in m if k.startswith("accuracy_under_attack@")]
-    if guaranteed:
-        row[guaranteed[-1]] = m[guaranteed[-1]]
-    if attacked:
-        row[attacked[0]] = m[attacked[0]]
+    h = cell.threat.get("headline")
+    if h is None and cell.threat.get("eps") and cell.attack:
+        h = min(cell.threat["eps"])
+    if h is not None:
+        row["eps"] = h
+        row["guaranteed"] = m.get(metric_key("guaranteed_accuracy", h))
+        row["under_attack"] = m.get(metric_key("accuracy_under_attack", h))
     return row
 
 
