@@ -160,12 +160,21 @@ def _enforce_budget(x: Tensor, out: Tensor, *, norm: str, eps: Radius) -> Tensor
     """Undo float rounding so the exact distance of the stored numbers is ``<= eps``.
 
     ``x + delta`` rounds, so ``out - x`` (computed exactly, in float64) can exceed ``eps`` by
-    an ulp. Offending coordinates (linf) are stepped one ulp towards ``x``; offending rows
-    (l1, l2) are shrunk towards ``x`` by a few ulps (relative), more on each retry. Moving
-    towards ``x`` stays in [0, 1]. A row still outside after the retries is replaced by ``x``.
+    an ulp. Offending coordinates (linf) are set to ``x ± eps`` rounded in ``x``'s dtype and
+    then stepped one ulp towards ``x`` until inside; offending rows (l1, l2) are shrunk towards
+    ``x`` by a few ulps (relative), more on each retry. Moving towards ``x`` stays in [0, 1].
+    A row still outside after the retries is replaced by ``x``.
     """
     tiny = torch.finfo(x.dtype).eps
     row_eps = eps.double().reshape(-1) if isinstance(eps, Tensor) else eps
+    if norm == "linf":
+        # Move an offending coordinate straight to x ± eps (rounded in x's dtype); the ulp
+        # steps below then finish the job. Stepping from the original value alone can fall
+        # short where ulps are small (near 0) and the overshoot is an ulp of x.
+        e = eps.double() if isinstance(eps, Tensor) else eps
+        diff = out.double() - x.double()
+        clipped = (x.double() + torch.clamp(diff, min=-e, max=e)).to(x.dtype)
+        out = torch.where(diff.abs() > e, clipped, out)
     for attempt in range(12):
         diff = out.double() - x.double()
         if norm == "linf":

@@ -174,3 +174,17 @@ def test_convert_radius_is_reexported_and_validates():
     np.testing.assert_allclose(r, [1.0 / math.sqrt(16)])
     with pytest.raises(ValueError, match="dim"):
         threat.convert_radius(1.0, from_norm="l2", to_norm="l1", dim=True)
+
+
+def test_linf_budget_fix_keeps_pixels_that_fall_near_zero():
+    """A pixel of x just above eps pushed to (about) 0 overshoots the ball by an ulp of x,
+    far more than ulps near 0: it must end exactly inside the ball, not reset the row."""
+    from bench.threat import project
+
+    eps = 0.1
+    x = torch.tensor([[0.1005, 0.5, 0.7]], dtype=torch.float32)
+    adv = torch.tensor([[0.0, 0.4, 0.8]], dtype=torch.float32)  # first pixel 0.1005 away
+    out = project(x, adv, norm="linf", eps=eps)
+    assert (out.double() - x.double()).abs().max() <= eps
+    assert out[0, 0] > 0 and abs(float(out[0, 0]) - (0.1005 - eps)) < 1e-6
+    assert out[0, 1] == pytest.approx(0.4) and out[0, 2] == pytest.approx(0.8)  # row kept
