@@ -190,13 +190,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bench.pipeline import fit, predict_all
     from bench.training import TrainSettings
 
-    if args.epochs == 0:
+    configure_threads()
+    ds = _dataset(args)
+    if args.epochs == 0:  # after the data: a bad data directory is the first thing to hear
         raise ConfigError(
             "--epochs 0 trains nothing: the checkpoint would hold a randomly initialised "
             "network; evaluate your own weights with `certbench eval --checkpoint FILE`"
         )
-    configure_threads()
-    ds = _dataset(args)
     seed_everything(args.seed)
     d = build_defense(
         args.defense,
