@@ -1,30 +1,54 @@
 """Assembling a defense: model + defense + weights, and its checkpoints.
 
-A certbench checkpoint is safetensors plus a JSON record (:mod:`bench.checkpoint`); a plain
-state dict (``.pth``/``.pt``, loaded with ``weights_only=True``) holds a base model's weights.
-Nothing is ever unpickled from an untrusted file.
+A certbench checkpoint is safetensors plus a JSON record (:mod:`bench.checkpoint`). A base
+model's own weights (what a user brings: :func:`load_weights`) are a plain state dict
+(``.pth``/``.pt``, loaded with ``weights_only=True``) or a ``.safetensors`` file without a
+record. Nothing is ever unpickled from an untrusted file.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bench.checkpoint import check_state, load_into, load_tensors, read_record, save_checkpoint
 from bench.environment import provenance
 from bench.errors import CheckpointError, ConfigError
 from bench.models import create_model
 from bench.registry import create_defense
+from bench.weights import WEIGHT_SUFFIXES, sha256_file
 from defenses.base import Defense
+
+
+def load_weights(path: str | Path, *, sha256: str | None = None) -> dict[str, Tensor]:
+    """A base model's state dict from ``path`` (``.safetensors``, or ``.pth``/``.pt`` read with
+    ``weights_only=True``), on the CPU.
+
+    ``sha256``: the hash the file must have (a pretrained cell's ``weights_sha256``); a file
+    changed since the spec was read raises :class:`CheckpointError` instead of being scored
+    under the old file's identity.
+    """
+    p = Path(path)
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(
+            f"{p}: weights must be a .safetensors file or a PyTorch state dict (.pth/.pt)"
+        )
+    if sha256 is not None and p.is_file() and sha256_file(p) != sha256:
+        raise CheckpointError(
+            f"{p}: the file changed since the spec was read (its SHA-256 is no longer "
+            f"{sha256[:16]}...); run again to score the new weights"
+        )
+    return load_tensors(p, device="cpu")
 
 
 def build_defense(
     defense: str,
     params: dict[str, Any] | None,
-    model: str,
+    model: str | nn.Module,
     *,
     input_shape: tuple[int, ...],
     num_classes: int,
@@ -33,10 +57,18 @@ def build_defense(
     base_state: dict[str, Tensor] | None = None,
     base_source: str = "",
 ) -> Defense:
-    """Create ``model``, optionally load base weights, attach ``defense``, move to ``device``."""
-    net = create_model(
-        model, input_shape=input_shape, num_classes=num_classes, **(model_kwargs or {})
-    )
+    """Create ``model``, optionally load base weights, attach ``defense``, move to ``device``.
+
+    ``model``: a model name (registered, or an import path: :mod:`bench.models`), or a module
+    of the caller's, which is copied (the defense and the device move never touch the
+    caller's module).
+    """
+    if isinstance(model, nn.Module):
+        net = copy.deepcopy(model)
+    else:
+        net = create_model(
+            model, input_shape=input_shape, num_classes=num_classes, **(model_kwargs or {})
+        )
     if base_state is not None:
         load_into(net, base_state, source=base_source or "checkpoint")
     d = create_defense(defense, **(params or {}))
@@ -91,15 +123,19 @@ def load_defense(
 
     * a certbench checkpoint (``.safetensors`` + ``.json``): everything comes from the record
       (``defense``/``params``/``model`` given here must agree with it);
-    * a plain state dict (``.pth``/``.pt``): weights of the *base* model ``model``; the
-      defense (default ``undefended``) is attached afterwards; ``input_shape`` and
-      ``num_classes`` must be given (from the dataset).
+    * a base model's weights (``.pth``/``.pt`` state dict, or a ``.safetensors`` file with no
+      ``.json`` record beside it): weights of the *base* model ``model`` (a registered name
+      or an import path); the defense (default ``undefended``) is attached afterwards;
+      ``input_shape`` and ``num_classes`` must be given (from the dataset).
     """
     p = Path(path)
-    if p.suffix in (".pth", ".pt"):
+    plain = p.suffix in (".pth", ".pt") or (
+        p.suffix == ".safetensors" and not p.with_suffix(".json").is_file()
+    )
+    if plain:
         if model is None or input_shape is None or num_classes is None:
-            raise ConfigError(f"{p}: a plain state dict needs --model and a dataset")
-        state = load_tensors(p, device="cpu")
+            raise ConfigError(f"{p}: a model's own weights need --model and a dataset")
+        state = load_weights(p)
         d = build_defense(
             defense or "undefended",
             params,

@@ -147,11 +147,22 @@ def _load_for_eval(args: argparse.Namespace, ds):
 # --------------------------------------------------------------------------- commands
 
 
+def _check_run(args: argparse.Namespace) -> None:
+    """Before torch is imported: the spec file exists and is TOML (an error answers at once)."""
+    from bench.spec import read_spec
+
+    read_spec(args.spec)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from bench.executors import run_spec
     from bench.spec import load_spec
 
     spec = load_spec(args.spec)
+    if args.limit is not None:  # the first N test examples: other cells than the full spec's
+        spec = dataclasses.replace(spec, limit_test=min(args.limit, spec.limit_test or args.limit))
     store_path = args.store or spec.store or DEFAULT_STORE
     options = {"address": args.address} if args.executor == "ray" else {}
     summary = run_spec(
@@ -182,6 +193,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     configure_threads()
     ds = _dataset(args)
+    if args.epochs == 0:  # after the data: a bad data directory is the first thing to hear
+        raise ConfigError(
+            "--epochs 0 trains nothing: the checkpoint would hold a randomly initialised "
+            "network; evaluate your own weights with `certbench eval --checkpoint FILE`"
+        )
     seed_everything(args.seed)
     d = build_defense(
         args.defense,
@@ -407,10 +423,55 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         index = build_site(store, args.out, spec_name=args.spec_name, rank_by=args.rank_by, **title)
         print(index.resolve())  # the page to open (file://, no server needed)
         return 0
-    paths = publish(Store(args.store), args.out, spec_name=args.spec_name, rank_by=args.rank_by)
+    store = Store(args.store)
+    specs = _publish_specs(store, Path(args.out), args.spec_name, args.all_specs)
+    paths = publish(store, args.out, spec_name=args.spec_name, rank_by=args.rank_by)
+    _record_specs(Path(args.out), specs)
     for p in paths:
         print(p)
     return 0
+
+
+SPECS_FILE = "specs.txt"
+"""Written by ``leaderboard publish`` beside the boards: the specs they come from."""
+
+
+def _recorded_specs(out: Path) -> list[str] | None:
+    try:
+        text = (out / SPECS_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return sorted(ln.strip() for ln in text.splitlines() if ln.strip() and ln[0] != "#")
+
+
+def _publish_specs(store, out: Path, spec_name: str | None, all_specs: bool) -> list[str]:
+    """The specs a publish writes; refuses (one line) to mix several specs, or to replace
+    another spec's boards in ``out``, unless asked with ``--spec-name`` or ``--all-specs``."""
+    if spec_name is not None:
+        return [spec_name]
+    specs = sorted({s for cell in store.cells() for s in cell["specs"]})
+    if all_specs:
+        return specs
+    if len(specs) > 1:
+        raise ConfigError(
+            f"store {store.path} holds the cells of {len(specs)} specs ({', '.join(specs)}); "
+            f"publishing them into {out} would mix them on one board: pass --spec-name NAME "
+            "for one spec, or --all-specs to merge them"
+        )
+    recorded = _recorded_specs(out)
+    if recorded is not None and specs and recorded != specs:
+        raise ConfigError(
+            f"{out} holds the boards of spec {', '.join(recorded)}, not of {', '.join(specs)}; "
+            f"pass --spec-name {specs[0]} to replace them, or --out DIR to publish elsewhere"
+        )
+    return specs
+
+
+def _record_specs(out: Path, specs: list[str]) -> None:
+    from bench.files import atomic_write_bytes
+
+    header = "# written by `certbench leaderboard publish`: the specs of the boards here\n"
+    atomic_write_bytes(out / SPECS_FILE, (header + "".join(f"{s}\n" for s in specs)).encode())
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -454,7 +515,8 @@ def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
     p.add_argument(
         "--model",
         default=None if checkpoint else "cnn",
-        help="architecture name (see bench.models.list_models())",
+        help="a registered architecture (bench.models.list_models()) or your own class by "
+        "import path, e.g. mypkg.nets:SmallCNN",
     )
     p.add_argument("--defense", default=None if checkpoint else "undefended", help="defense name")
     p.add_argument(
@@ -467,7 +529,8 @@ def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
         p.add_argument(
             "--checkpoint",
             required=True,
-            help="certbench checkpoint (.safetensors/.json) or a plain state-dict .pth",
+            help="a certbench checkpoint (NAME for NAME.safetensors + NAME.json), or the "
+            "model's own weights: a .safetensors file or a plain state-dict .pth/.pt",
         )
     p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per chunk")
 
@@ -500,8 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--force", action="store_true", help="re-run cells that are already stored")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="first N test examples of every dataset (cells other than the full spec's)",
+    )
     _common(p, dataset=False)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, precheck=_check_run)
 
     p = sub.add_parser(
         "train",
@@ -582,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="leaderboards")
     q.add_argument("--spec-name", default=None, help="only cells of this spec")
     q.add_argument(
+        "--all-specs",
+        action="store_true",
+        help="publish the cells of every spec in the store together (without it, a store "
+        "holding several specs needs --spec-name)",
+    )
+    q.add_argument(
         "--rank-by",
         default="upper",
         choices=RANK_BY,
@@ -636,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with deferred():  # no interrupt inside an import (bench/interrupts.py)
             tune_malloc()  # the command owns its process (bench/allocator.py)
             args = build_parser().parse_args(argv)
+            precheck = getattr(args, "precheck", None)
+            if precheck is not None:
+                precheck(args)
             if args.command in _TORCH_COMMANDS:
                 import torch  # noqa: F401
 

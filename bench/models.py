@@ -6,38 +6,165 @@ whose first parameterised layer is a ``Conv2d`` or ``Linear`` (possibly after a 
 ``Flatten``): PixelDP places its noise layer right after that layer and bounds its operator
 norm, so the model must not normalise its input with data-dependent statistics before it.
 
-Registering a model is one decorated factory function in a module listed under the
-``certbench.models`` entry-point group (:mod:`bench.registry`)::
+A model is named in one of two ways, in specs (``model = ...``), on the command line
+(``--model ...``) and in :func:`create_model`:
 
-    @register_model                    # or @register_model("my-net")
-    def my_net(input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module: ...
+* **a registered name** (``"cnn"``): a factory ``f(input_shape, num_classes, **kwargs)``
+  decorated in a module listed under the ``certbench.models`` entry-point group
+  (:mod:`bench.registry`)::
+
+      @register_model                    # or @register_model("my-net")
+      def my_net(input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module: ...
+
+* **an import path** ``"package.module:Attribute"`` (``"mypkg.nets:SmallCNN"``): an
+  ``nn.Module`` class or a factory function, found with :mod:`importlib` (the current
+  directory is searched too, as ``python -m`` would). It is called with ``input_shape=`` and
+  ``num_classes=`` for each of the two its signature names, and with nothing else; so
+  ``class SmallCNN(nn.Module): def __init__(self): ...`` works as it is.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, RegistryError
 from bench.registry import MODELS, register_model
 
-__all__ = ["create_model", "first_layer_index", "list_models", "register_model"]
+__all__ = [
+    "create_model",
+    "first_layer_index",
+    "is_import_path",
+    "list_models",
+    "register_model",
+    "resolve_model",
+]
 
 ModelFactory = Callable[..., nn.Module]
 
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+IMPORT_PATH_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+"""``package.module:Attribute`` (the attribute may be dotted, ``module:Outer.Inner``)."""
+
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted model names, optionally filtered by a glob ``pattern``."""
+    """Sorted registered model names, optionally filtered by a glob ``pattern`` (models named
+    by import path are not listed: any importable class or factory is one)."""
     return MODELS.names(pattern)
+
+
+def is_import_path(name: object) -> bool:
+    """Whether ``name`` names a model by import path (it contains ``':'``; registered names
+    never do)."""
+    return isinstance(name, str) and ":" in name
+
+
+def _import_module(module_name: str, name: str):
+    """Import ``module_name`` for model ``name``, retrying with the current directory on the
+    path (the console script does not put it there, ``python -m`` does)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+        missing = exc.name or ""
+        if cwd in on_path or not module_name.startswith(missing.split(".")[0]):
+            raise _import_error(name, module_name, exc) from None
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(module_name)
+        except Exception as retry:
+            raise _import_error(name, module_name, retry) from None
+    except Exception as exc:  # a user module that fails while importing: one line, its error
+        raise _import_error(name, module_name, exc) from None
+
+
+def _import_error(name: str, module_name: str, exc: BaseException) -> ConfigError:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    hint = ""
+    if isinstance(exc, ModuleNotFoundError):
+        hint = " (install its package, or run from the directory that holds it)"
+    return ConfigError(
+        f"model {name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {msg}{hint}"
+    )
+
+
+def resolve_model(name: str) -> ModelFactory:
+    """The ``nn.Module`` class or factory named by the import path ``name``
+    (``"package.module:Attribute"``); a :class:`ConfigError` naming the path and what is wrong
+    otherwise (bad syntax, module not importable, no such attribute, not callable)."""
+    if not isinstance(name, str) or not IMPORT_PATH_RE.match(name):
+        raise ConfigError(
+            f"model {name!r} is not an import path 'package.module:Attribute' "
+            "(e.g. 'mypkg.nets:SmallCNN')"
+        )
+    module_name, _, attr = name.partition(":")
+    obj: Any = _import_module(module_name, name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"model {name!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise ConfigError(f"model {name!r}: class {attr} is not an nn.Module subclass")
+    if not callable(obj):
+        raise ConfigError(
+            f"model {name!r}: {attr} is a {type(obj).__name__}, not an nn.Module class or a "
+            "factory function"
+        )
+    return obj
+
+
+def _build_from_path(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, kwargs: dict[str, Any]
+) -> nn.Module:
+    """Call the class or factory at import path ``name`` (module docstring)."""
+    factory = resolve_model(name)
+    call = dict(kwargs)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: call it as it is
+        params = {}
+    for key, value in (("input_shape", input_shape), ("num_classes", num_classes)):
+        p = params.get(key)
+        if p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            call.setdefault(key, value)
+    try:
+        model = factory(**call)
+    except (TypeError, ValueError) as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in call.items())
+        raise ConfigError(f"model {name!r}: calling it with ({shown}) failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def create_model(
     name: str, /, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
 ) -> nn.Module:
-    """Build model ``name`` for inputs ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
-    factory: ModelFactory = MODELS.get(name)
+    """Build model ``name`` (a registered name or an import path, module docstring) for
+    inputs ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
+    if is_import_path(name):
+        if len(input_shape) != 3:
+            raise ConfigError(f"model {name!r}: input_shape must be (C, H, W), got {input_shape}")
+        shape = tuple(int(s) for s in input_shape)
+        return _build_from_path(name, shape, int(num_classes), kwargs)  # type: ignore[arg-type]
+    try:
+        factory: ModelFactory = MODELS.get(name)
+    except RegistryError as exc:
+        raise RegistryError(
+            f"{exc}; a model of your own is named by import path, e.g. 'mypkg.nets:SmallCNN'"
+        ) from None
     if len(input_shape) != 3:
         raise ConfigError(f"model {name!r}: input_shape must be (C, H, W), got {input_shape}")
     try:

@@ -2,8 +2,21 @@
 
 Every randomized defense (PixelDP, randomized smoothing, plugins) expresses its randomness
 as one or more :class:`NoiseLayer` modules inside its network. A noise layer adds
-``scale * z`` to its input, where ``z`` is *standard* noise (unit-variance Gaussian, or
-unit-scale Laplace with density ``exp(-|z|)/2``) of the input's shape.
+``scale * z`` to its input, where ``z`` is *standard* noise of the input's shape, drawn from a
+registered distribution (its *kind*): built in are ``"gaussian"`` (unit variance) and
+``"laplace"`` (unit scale, density ``exp(-|z|)/2``).
+
+**A new distribution** is one decorated sampler in a module listed under the entry-point group
+``certbench.noises`` (:mod:`bench.registry`); the sampling engine then seeds it like the
+built-ins, so a randomized defense never samples by itself::
+
+    @register_noise("uniform")  # uniform on [-1, 1)
+    def uniform(shape, *, dtype, device, generator):
+        return torch.rand(shape, dtype=dtype, device=device, generator=generator).mul_(2).sub_(1)
+
+A sampler must draw every random number from ``generator`` (``None``: torch's global
+generator), so that its output is fixed by the generator's state, and return a tensor of
+``shape``, ``dtype`` and ``device``.
 
 By default ``z`` comes from torch's global generator, which is what training and single
 forward passes (attacks) use. The sampling engine (:mod:`bench.sampling`) instead installs a
@@ -28,13 +41,71 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from bench.registry import NOISES, register_noise
+
+__all__ = [
+    "NOISE_KINDS",
+    "NoiseLayer",
+    "add_standard_noise",
+    "is_randomized",
+    "noise_kinds",
+    "noise_layers",
+    "noise_source",
+    "register_noise",
+    "sample_standard",
+    "standard_noise",
+]
+
 NOISE_KINDS = ("gaussian", "laplace")
+"""The built-in kinds; :func:`noise_kinds` lists every registered one (plugins too)."""
 
 NoiseSource = Callable[[str, torch.Size, Tensor], Tensor]
 
 _SOURCE: contextvars.ContextVar[NoiseSource | None] = contextvars.ContextVar(
     "certbench_noise_source", default=None
 )
+
+
+@register_noise("gaussian")
+def gaussian(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Standard Gaussian N(0, 1), one ``torch.randn`` call."""
+    return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+
+@register_noise("laplace")
+def laplace(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Standard Laplace(0, 1) by the inverse CDF of one uniform per element (one
+    ``torch.rand`` call, so the output is fixed by the generator's state)."""
+    u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+    v = u.mul_(2.0).sub_(1.0)  # uniform on [-1, 1)
+    # |v| = 1 only when rand returns exactly 0; cap it just below 1 so the magnitude stays
+    # finite (24·ln 2 ≈ 16.6 in float32) instead of -log(0) = inf.
+    top = 1.0 - torch.finfo(dtype).eps / 2
+    mag = torch.log1p(-v.abs().clamp_(max=top)).neg_()
+    return mag.mul_(torch.sign(v))
+
+
+def noise_kinds() -> list[str]:
+    """Every registered noise kind (built-ins and plugins), sorted."""
+    return NOISES.names()
+
+
+def _sampler(kind: str):
+    if kind not in NOISES:
+        raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(noise_kinds())}")
+    return NOISES.get(kind)
 
 
 def sample_standard(
@@ -45,22 +116,10 @@ def sample_standard(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Standard noise of ``shape``: N(0, 1) for ``"gaussian"``, Laplace(0, 1) for ``"laplace"``.
-
-    The Laplace draw uses the inverse CDF of one uniform per element, so one generator call
-    produces each tensor (deterministic given the generator's state).
-    """
-    if kind == "gaussian":
-        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
-    if kind == "laplace":
-        u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
-        v = u.mul_(2.0).sub_(1.0)  # uniform on [-1, 1)
-        # |v| = 1 only when rand returns exactly 0; cap it just below 1 so the magnitude stays
-        # finite (24·ln 2 ≈ 16.6 in float32) instead of -log(0) = inf.
-        top = 1.0 - torch.finfo(dtype).eps / 2
-        mag = torch.log1p(-v.abs().clamp_(max=top)).neg_()
-        return mag.mul_(torch.sign(v))
-    raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
+    """Standard noise of ``shape`` from the registered distribution ``kind`` (N(0, 1) for
+    ``"gaussian"``, Laplace(0, 1) for ``"laplace"``), deterministic given ``generator``'s
+    state (torch's global generator when ``None``)."""
+    return _sampler(kind)(shape, dtype=dtype, device=device, generator=generator)
 
 
 def standard_noise(kind: str, shape: torch.Size, like: Tensor) -> Tensor:
@@ -111,7 +170,8 @@ class NoiseLayer(nn.Module):
     """Adds ``multiplier * scale * z`` with ``z`` standard noise of ``kind``.
 
     Args:
-        kind: ``"gaussian"`` (z ~ N(0, I)) or ``"laplace"`` (z_i ~ Laplace(0, 1), i.i.d.).
+        kind: a registered noise kind: ``"gaussian"`` (z ~ N(0, I)), ``"laplace"`` (z_i ~
+            Laplace(0, 1), i.i.d.) or a plugin's (:func:`noise_kinds`).
         scale: the noise standard deviation (Gaussian) or Laplace scale b, in the units of the
             layer's input (pixels in [0, 1] when placed on the image).
         scale_fn: optional callable returning a scalar tensor that multiplies ``scale`` inside
@@ -126,8 +186,7 @@ class NoiseLayer(nn.Module):
         self, kind: str, scale: float, *, scale_fn: Callable[[], Tensor] | None = None
     ) -> None:
         super().__init__()
-        if kind not in NOISE_KINDS:
-            raise ValueError(f"unknown noise kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
+        _sampler(kind)  # unknown kinds fail here, listing the registered ones
         if not scale >= 0.0:
             raise ValueError(f"noise scale must be >= 0, got {scale!r}")
         self.kind = kind

@@ -10,7 +10,7 @@ Stages of a cell (:class:`bench.spec.CellConfig`):
 
 1. **train or load** (:func:`prepare_defense`) — build model + defense, train it with the
    training loop (:mod:`bench.training`) or reuse the checkpoint stored under the cell's
-   ``train_key``;
+   ``train_key``; a pretrained cell loads its model's weights instead and is never trained;
 2. **evaluate** (:func:`evaluate_shard`) — predict, or certify at the cell's radii, every test
    example of a slice ``[start, stop)``; attack the first ``attack.limit`` of them at every
    budget and re-score the attacked inputs with the defense's own prediction. Noise draws
@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.assembly import build_defense, load_defense_state, save_defense
+from bench.assembly import build_defense, load_defense_state, load_weights, save_defense
 from bench.checkpoint import checkpoint_paths, load_tensors, read_record
 from bench.environment import configure_threads, provenance, resolve_device, seed_everything
+from bench.errors import ConfigError
 from bench.metrics import MetricSet
 from bench.training import TrainReport, TrainSettings, train
 from defenses.base import Certificate, Defense
@@ -88,14 +89,23 @@ def fit(
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str | None, limit_train: int | None, limit_test: int | None):
+def _dataset(
+    name: str,
+    data_dir: str | None,
+    limit_train: int | None,
+    limit_test: int | None,
+    train: bool = True,
+):
     from bench.data import load_dataset
 
-    return load_dataset(name, data_dir, limit_train=limit_train, limit_test=limit_test)
+    return load_dataset(name, data_dir, limit_train=limit_train, limit_test=limit_test, train=train)
 
 
 def dataset_for(cell) -> Any:
-    """The (cached) dataset of a cell."""
+    """The (cached) dataset of a cell (the test split only for a pretrained cell: its training
+    files need not exist)."""
+    if cell.pretrained:
+        return _dataset(cell.dataset, cell.data_dir, cell.limit_train, cell.limit_test, False)
     return _dataset(cell.dataset, cell.data_dir, cell.limit_train, cell.limit_test)
 
 
@@ -106,13 +116,22 @@ def checkpoint_path(cell, checkpoint_root: str | Path) -> Path:
 
 def prepare_defense(
     cell, checkpoint_root: str | Path, *, device: torch.device, progress: bool
-) -> tuple[Defense, float]:
-    """Stage 1: the trained defense of ``cell`` (from its checkpoint, or trained now).
+) -> tuple[Defense, float | None]:
+    """Stage 1: the trained defense of ``cell`` (from its checkpoint, or trained now), or,
+    for a pretrained cell, its model with the cell's weights (never trained).
 
-    Returns ``(defense, train_seconds)``.
+    Returns ``(defense, train_seconds)``; ``train_seconds`` is ``None`` for a pretrained cell.
     """
     ds = dataset_for(cell)
     seed_everything(cell.seed)
+    weights = None
+    if cell.pretrained:
+        if cell.checkpoint is None:
+            raise ConfigError(
+                f"cell {cell.cell_id()}: pretrained (weights {cell.weights_sha256[:16]}...) "
+                "but no checkpoint file names its weights"
+            )
+        weights = load_weights(cell.checkpoint, sha256=cell.weights_sha256)
     d = build_defense(
         cell.defense,
         dict(cell.params),
@@ -120,7 +139,11 @@ def prepare_defense(
         input_shape=ds.input_shape,
         num_classes=ds.num_classes,
         device=device,
+        base_state=weights,
+        base_source=cell.checkpoint or "",
     )
+    if cell.pretrained:
+        return d, None
     ck = checkpoint_path(cell, checkpoint_root)
     tensors, record_path = checkpoint_paths(ck)
     if record_path.is_file() and tensors.is_file():
@@ -579,11 +602,15 @@ def cell_result(
     facts: DefenseFacts,
     merged: ShardResult,
     *,
-    train_seconds: float,
+    train_seconds: float | None,
     eval_seconds: float,
     executor: str = "local",
 ) -> dict[str, Any]:
-    """The record of a finished cell, as :meth:`bench.store.Store.put` takes it."""
+    """The record of a finished cell, as :meth:`bench.store.Store.put` takes it.
+
+    ``train_seconds`` is ``None`` for a pretrained cell (nothing was trained); its weights'
+    SHA-256 goes into the provenance (``weights_sha256``).
+    """
     metrics, counts = score(
         merged,
         radii=cell.threat.get("radii", []),
@@ -593,6 +620,8 @@ def cell_result(
     prov: dict[str, Any] = {**provenance(), "executor": executor}
     if facts.bound is not None:
         prov["bound"] = facts.bound
+    if cell.weights_sha256 is not None:
+        prov["weights_sha256"] = cell.weights_sha256
     return {
         "metrics": metrics,
         "counts": counts,
@@ -600,7 +629,7 @@ def cell_result(
         "n_draws": facts.n_draws,
         "alpha": facts.alpha,
         "attack": attack_label(cell.attack),
-        "train_seconds": float(train_seconds),
+        "train_seconds": None if train_seconds is None else float(train_seconds),
         "eval_seconds": float(eval_seconds),
         "provenance": prov,
     }
@@ -618,6 +647,14 @@ def run_cell(
     configure_threads(num_threads)
     dev = resolve_device(device or cell.device)
     d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
+    return evaluate_cell(d, cell, train_seconds=train_seconds, progress=progress)
+
+
+def evaluate_cell(
+    d: Defense, cell, *, train_seconds: float | None, progress: bool = False
+) -> dict[str, Any]:
+    """Stages 2 and 3 of ``cell`` for a set-up defense ``d``, on the whole test set: its
+    record (:func:`cell_result`). :func:`run_cell` and :func:`bench.api.evaluate` call it."""
     t0 = time.perf_counter()
     n_test = int(dataset_for(cell).y_test.numel())
     merged = evaluate_shard(d, cell, 0, n_test, progress=progress)

@@ -1,4 +1,5 @@
-"""One registry for every kind of component: defenses, models, attack adapters and datasets.
+"""One registry for every kind of component: defenses, models, attack adapters, datasets and
+noise distributions.
 
 Each kind is a :class:`Registry` bound to an entry-point group (timm's decorator registry,
 discovered the way pluggy finds plugins):
@@ -10,6 +11,7 @@ defense       ``certbench.defenses``      a :class:`defenses.base.Defense` subcl
 model         ``certbench.models``        a factory ``f(input_shape, num_classes, **kw)``
 attack        ``certbench.attacks``       an adapter ``f(defense, x, y, *, norm, eps, ...)``
 dataset       ``certbench.datasets``      a :class:`bench.data.DatasetFormat`
+noise         ``certbench.noises``        a sampler ``f(shape, *, dtype, device, generator)``
 ============  ==========================  ===============================================
 
 Built-ins and third-party plugins are found the same way: loading an entry point imports its
@@ -305,7 +307,7 @@ def _package_of(source: str) -> str:
     return DISTRIBUTION if top in ("bench", "defenses", "attacks") else top or "?"
 
 
-# ---------------------------------------------------------------------------- the four kinds
+# ---------------------------------------------------------------------------- the five kinds
 
 
 def _check_defense(obj: Any) -> None:
@@ -332,12 +334,17 @@ ATTACKS: Registry[Any] = Registry(
     name_rule="'library:name' with kebab-case parts (e.g. 'torchattacks:pgd')",
 )
 DATASETS: Registry[Any] = Registry("dataset", "certbench.datasets")
+NOISES: Registry[Any] = Registry("noise", "certbench.noises", check=_check_callable("noise"))
+"""Standard noise distributions of :class:`bench.noise.NoiseLayer` (see :mod:`bench.noise`)."""
 
-REGISTRIES: dict[str, Registry[Any]] = {r.kind: r for r in (DEFENSES, MODELS, ATTACKS, DATASETS)}
+REGISTRIES: dict[str, Registry[Any]] = {
+    r.kind: r for r in (DEFENSES, MODELS, ATTACKS, DATASETS, NOISES)
+}
 
 register_defense = DEFENSES.register
 register_model = MODELS.register
 register_dataset = DATASETS.register
+register_noise = NOISES.register
 
 
 def load_plugins(*, force: bool = False) -> None:

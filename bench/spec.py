@@ -62,12 +62,26 @@ in; training settings as below), so that a cell's identity is a hash of its conf
 
     [[defenses]]
     name = "pixeldp"                # a registered defense
-    model = "cnn"                   # optional override (string or list)
+    model = "cnn"                   # optional override (string or list); a model of your
+                                    # own by import path: "mypkg.nets:SmallCNN" (bench.models)
     label = "PixelDP"               # optional display name
     params = { epsilon = 1.0 }      # keyword hyper-parameters of the defense
     grid = { construction_bound = [0.1, 0.3, 1.0] }  # cartesian product over these params
     [defenses.train]                # optional overrides of [train]
     epochs = 10
+
+    [[defenses]]                    # a pretrained row: no training, the model's weights
+    name = "wong-kolter"            # come from a file
+    model = "wk-small"
+    checkpoint = "../weights/wong_kolter_fashion_mnist.pth"  # .safetensors or a plain
+    params = { eps = 0.1 }          # state dict (.pth/.pt, weights_only), relative to the
+                                    # spec file's directory
+
+A pretrained row (``checkpoint``) is never trained: ``[train]`` does not apply to it (a
+``[defenses.train]`` table is an error), its cells record no training time, and the weights'
+SHA-256 is part of their identity (two weight files never share a stored cell). A row without
+``checkpoint`` is trained; ``epochs = 0`` there is an error (it would score a randomly
+initialised network).
 
 ``radii``, ``thresholds`` and ``eps`` may also be per-norm tables, e.g.
 ``eps = { l2 = [0.5], linf = [0.03] }``; a norm missing from the table gets an empty list.
@@ -85,7 +99,8 @@ shape, known only then), ``CellConfig.train``. So a setting the spec leaves out 
 defense's and the training loop's code, and is not part of the cell's hash.
 
 Cell identity (:meth:`CellConfig.cell_id`) hashes the resolved config *excluding*
-``spec_name``, ``label``, ``device`` and ``eval.batch_size``: those name or execute an
+``spec_name``, ``label``, ``device``, ``eval.batch_size`` and ``checkpoint`` (the weights'
+path; their SHA-256 ``weights_sha256`` is included): those name or execute an
 experiment without changing its result (results are seeded per example, so they do not
 depend on batch size or on which device or executor ran them). The same experiment written
 in two specs, or run on CPU and on a GPU, is therefore the same cell and is computed once.
@@ -101,7 +116,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +126,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from bench.errors import ConfigError
+from bench.errors import CertbenchError, ConfigError
 
 NORMS = ("l1", "l2", "linf")
 DEVICES = "auto, cpu, cuda, cuda:N"
@@ -121,7 +136,10 @@ TRAIN_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_d
 DEFAULT_EVAL: dict[str, Any] = {"batch_size": 1000, "alpha": 0.05}
 
 # Fields of the resolved config that do not change a cell's result (see the module docstring).
-_NOT_IN_CELL_ID = ("spec_name", "label", "device")
+_NOT_IN_CELL_ID = ("spec_name", "label", "device", "checkpoint")
+# Present in the identity only when set, so cells of trained rows keep the ids they had before
+# pretrained rows existed.
+_ONLY_WHEN_SET = ("weights_sha256",)
 _CELL_ID_SCHEMA = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -145,7 +163,7 @@ _DATA_FIELDS = ("dataset", "data_dir", "limit_train", "limit_test", "model")
 _EVAL_FIELDS = tuple(DEFAULT_EVAL)
 _THREAT_FIELDS = ("norms", "norm", "radii", "thresholds", "eps", "headline")
 _ATTACK_FIELDS = ("library", "name", "params", "limit", "eps", "norms")
-_DEFENSE_FIELDS = ("name", "model", "label", "params", "grid", "train")
+_DEFENSE_FIELDS = ("name", "model", "label", "params", "grid", "train", "checkpoint")
 
 
 # ---------------------------------------------------------------------------- cells
@@ -167,7 +185,9 @@ class CellConfig:
     ``thresholds`` and ``eps`` lists (input units of ``norm``, pixels in [0, 1]) and, when
     the spec declares one, the ``headline`` budget; ``attack`` is ``{"library", "name",
     "params", "limit"}`` (one ``[attack]`` table), a list of such tables with their ``eps``
-    (an ensemble, ``[[attacks]]``), or ``None``.
+    (an ensemble, ``[[attacks]]``), or ``None``. A pretrained cell has ``weights_sha256``
+    (the SHA-256 of its model's weights) and, when they come from a file, ``checkpoint``
+    (its absolute path); it is never trained (:attr:`pretrained`).
     Treat the dicts as read-only: the hash of a cell is computed from them.
     """
 
@@ -187,6 +207,13 @@ class CellConfig:
     threat: dict[str, list[float]]
     attack: dict[str, Any] | list[dict[str, Any]] | None
     device: str = "auto"
+    checkpoint: str | None = None
+    weights_sha256: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the model comes with its weights (no training stage)."""
+        return self.weights_sha256 is not None
 
     def __hash__(self) -> int:
         return hash(self.cell_id())
@@ -215,6 +242,9 @@ class CellConfig:
         d = self.to_dict()
         for key in _NOT_IN_CELL_ID:
             d.pop(key)
+        for key in _ONLY_WHEN_SET:
+            if d[key] is None:
+                d.pop(key)
         d["eval"] = {k: v for k, v in d["eval"].items() if k != "batch_size"}
         d["_schema"] = _CELL_ID_SCHEMA
         return d
@@ -226,13 +256,16 @@ class CellConfig:
     def train_key(self) -> str:
         """16 hex digits identifying the trained model: equal keys can share a checkpoint.
 
-        Hashes dataset, data_dir, limit_train, model, defense, params, seed and train. All
-        defense params are included, because the harness cannot tell which only matter at
-        prediction time.
+        Hashes dataset, data_dir, limit_train, model, defense, params, seed, train and, for a
+        pretrained cell, the weights' SHA-256. All defense params are included, because the
+        harness cannot tell which only matter at prediction time.
         """
         d = self.to_dict()
         keys = ("dataset", "data_dir", "limit_train", "model", "defense", "params", "seed", "train")
         payload = {k: d[k] for k in keys}
+        for key in _ONLY_WHEN_SET:
+            if d[key] is not None:
+                payload[key] = d[key]
         payload["_schema"] = _CELL_ID_SCHEMA
         return _canonical_hash(payload)
 
@@ -248,6 +281,8 @@ class DefenseEntry:
     params: dict[str, Any]
     grid: dict[str, list[Any]]
     points: tuple[tuple[dict[str, Any], dict[str, Any]], ...]  # (params, train settings)
+    checkpoint: str | None = None  # absolute path of a pretrained row's weights
+    weights_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +333,8 @@ class Spec:
                                             json.dumps((self.attack or {}).get(norm))
                                         ),
                                         device=self.device,
+                                        checkpoint=entry.checkpoint,
+                                        weights_sha256=entry.weights_sha256,
                                     )
                                 )
         return out
@@ -319,13 +356,15 @@ class Known:
     models: tuple[str, ...] | None = None
     defenses: Mapping[str, type] | None = None
     attack_libraries: tuple[str, ...] | None = None
+    #: checks a model named by import path (raises ConfigError); ``None``: not checked
+    resolve_model: Callable[[str], Any] | None = None
 
     @classmethod
     def discover(cls) -> Known:
         """Datasets from ``bench.registry.DATASETS``, models from ``bench.models.list_models()``,
         defenses from ``bench.registry`` (imported lazily: specs parse without torch loaded
         until validation needs it)."""
-        from bench.models import list_models
+        from bench.models import list_models, resolve_model
         from bench.registry import ATTACKS, DATASETS, get_defense_class, list_defenses
 
         return cls(
@@ -333,6 +372,7 @@ class Known:
             models=tuple(list_models()),
             defenses={n: get_defense_class(n) for n in list_defenses()},
             attack_libraries=tuple(sorted({k.split(":")[0] for k in ATTACKS.names()})),
+            resolve_model=resolve_model,
         )
 
 
@@ -605,6 +645,7 @@ def _parse_defense(
     default_models: tuple[str, ...],
     global_train: dict[str, Any],
     known: Known,
+    base_dir: Path | None = None,
 ) -> DefenseEntry:
     path = f"defenses[{index}]"
     table = chk.table(raw, path, _DEFENSE_FIELDS)
@@ -621,13 +662,22 @@ def _parse_defense(
         models = chk.string_list(table["model"], f"{path}.model")
     if known.models is not None:
         for i, m in enumerate(models):
-            if m not in known.models:
-                p = f"{path}.model" if "model" in table else "data.model"
+            p = f"{path}.model" if "model" in table else "data.model"
+            p = p if len(models) == 1 else f"{p}[{i}]"
+            if m in known.models:
+                continue
+            if ":" not in m:
                 raise chk.fail(
-                    p if len(models) == 1 else f"{p}[{i}]",
-                    f"a known model ({', '.join(known.models)})",
+                    p,
+                    f"a known model ({', '.join(known.models)}) or an import path "
+                    "'package.module:Class'",
                     m,
                 )
+            if known.resolve_model is not None:
+                try:
+                    known.resolve_model(m)
+                except ConfigError as exc:
+                    raise chk.error(f"field '{p}': {exc}") from None
 
     label = None
     if "label" in table:
@@ -665,6 +715,32 @@ def _parse_defense(
                     )
 
     overrides = _resolve_train(chk, table.get("train"), f"{path}.train")
+    checkpoint = sha = None
+    if "checkpoint" in table:
+        from bench.weights import find_weights, sha256_file
+
+        if "train" in table:
+            raise chk.error(
+                f"fields '{path}.checkpoint' and '{path}.train' are both set: a row with "
+                "pretrained weights is not trained; remove one"
+            )
+        given = chk.string(table["checkpoint"], f"{path}.checkpoint")
+        try:
+            found = find_weights(given, base=base_dir, what=f"field '{path}.checkpoint'")
+            sha = sha256_file(found)
+        except CertbenchError as exc:
+            raise chk.error(str(exc)) from None
+        checkpoint = str(found)
+        train: dict[str, Any] = {}  # [train] does not apply: nothing is trained
+    else:
+        train = {**global_train, **overrides}
+        if train.get("epochs") == 0:
+            where = f"{path}.train.epochs" if "epochs" in overrides else "train.epochs"
+            raise chk.error(
+                f"field '{where}' is 0 but defenses[{index}] ('{name}') has no checkpoint: it "
+                "would score an untrained network; set epochs >= 1, or give its weights with "
+                'checkpoint = "path.safetensors" (or a .pth state dict)'
+            )
     points = []
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -673,7 +749,7 @@ def _parse_defense(
         if cls is not None:
             where = f"{path}.params" if not keys else f"{path}.params/grid"
             _check_defense_params(chk, cls, point, where, name)
-        points.append((point, {**global_train, **overrides}))
+        points.append((point, dict(train)))
     return DefenseEntry(
         index=index,
         name=name,
@@ -682,16 +758,24 @@ def _parse_defense(
         params=params,
         grid=grid,
         points=tuple(points),
+        checkpoint=checkpoint,
+        weights_sha256=sha,
     )
 
 
 def parse_spec(
-    data: Mapping[str, Any], source: str = "<spec>", *, known: Known | None = None
+    data: Mapping[str, Any],
+    source: str = "<spec>",
+    *,
+    known: Known | None = None,
+    base_dir: str | Path | None = None,
 ) -> Spec:
     """Validate a spec already parsed from TOML (``source`` names it in error messages).
 
     ``known`` lists valid dataset, model and defense names; by default the live registries
-    (:meth:`Known.discover`). Raises :class:`ConfigError` on the first mistake.
+    (:meth:`Known.discover`). ``base_dir``: what a relative ``checkpoint`` is relative to
+    (the spec file's directory; default: the current directory). Raises
+    :class:`ConfigError` on the first mistake.
     """
     chk = _Checker(source)
     top = chk.table(dict(data), "", _TOP_FIELDS)
@@ -850,7 +934,13 @@ def parse_spec(
         raise chk.fail("defenses", "a non-empty array of tables ([[defenses]])", defenses_raw)
     entries = tuple(
         _parse_defense(
-            chk, raw, i, default_models=default_models, global_train=global_train, known=known
+            chk,
+            raw,
+            i,
+            default_models=default_models,
+            global_train=global_train,
+            known=known,
+            base_dir=None if base_dir is None else Path(base_dir),
         )
         for i, raw in enumerate(defenses_raw)
     )
@@ -904,6 +994,13 @@ def _check_duplicates(chk: _Checker, spec: Spec) -> None:
 def load_spec(path: str | Path, *, known: Known | None = None) -> Spec:
     """Read and validate the TOML spec at ``path`` (errors name the file and line/field)."""
     p = Path(path)
+    return parse_spec(read_spec(p), str(p), known=known, base_dir=p.parent)
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The TOML of the spec file at ``path``, not yet validated (a missing file, non-UTF-8
+    text or a TOML syntax error raises :class:`ConfigError` naming the file)."""
+    p = Path(path)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
@@ -920,4 +1017,4 @@ def load_spec(path: str | Path, *, known: Known | None = None) -> Spec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return parse_spec(data, str(p), known=known)
+    return data

@@ -12,7 +12,10 @@ theirs::
         check()
 
 The checks use a small CNN on random 1×8×8 inputs in [0, 1] and the class's
-``check_params`` (small sample counts), so they take seconds.
+``check_params`` (small sample counts), so they take seconds. A randomized defense must take
+its randomness from the sampling engine (noise in :class:`bench.noise.NoiseLayer`, drawn and
+seeded by ``seed`` and ``indices``): :func:`check_seeded_noise` fails one whose ``predict`` or
+``certify`` draws from torch's global generator, and says how to fix it.
 """
 
 from __future__ import annotations
@@ -126,6 +129,49 @@ def check_predict_deterministic(cls: type[Defense], params: dict[str, Any] | Non
     assert torch.equal(p1, parts), "predict depends on how the inputs are split into batches"
 
 
+_SEEDING_HINT = (
+    "draw the noise in a bench.noise.NoiseLayer (a new distribution: bench.noise."
+    "register_noise) and keep the default predict, which runs the sampling engine seeded by "
+    "seed and indices; or sample with bench.sampling.sample(..., seed=seed, indices=indices)"
+)
+
+
+def check_seeded_noise(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """A randomized defense's predict and certify are fixed by ``seed``: they never draw from
+    torch's global generator, and give the same result whatever its state.
+
+    Comparing two calls alone is not enough: with little noise, unseeded predictions often
+    agree by chance; a call that advances the global generator is caught whatever the noise.
+    """
+    if not cls.randomized:
+        return
+    d = _make(cls, params)
+    x, _ = _data()
+    saved = torch.get_rng_state()
+    try:
+        for what, call in (
+            ("predict", lambda: d.predict(x, seed=3)),
+            *(
+                (f"certify(norm={n!r})", lambda n=n: d.certify(x, norm=n, seed=3).labels)
+                for n in cls.certifies
+            ),
+        ):
+            results = []
+            for global_seed in (11, 12):
+                torch.manual_seed(global_seed)
+                before = torch.get_rng_state()
+                results.append(call())
+                assert torch.equal(before, torch.get_rng_state()), (
+                    f"{what} draws from torch's global random generator, so two calls with the "
+                    f"same seed can disagree; {_SEEDING_HINT}"
+                )
+            assert torch.equal(results[0], results[1]), (
+                f"{what} is not reproducible for a fixed seed; {_SEEDING_HINT}"
+            )
+    finally:
+        torch.set_rng_state(saved)
+
+
 def check_certificates(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
     """certify: labels (N,), radii (N,) float64, finite, >= 0, and 0 where abstaining."""
     d = _make(cls, params)
@@ -192,6 +238,7 @@ CHECKS: tuple[Callable[..., None], ...] = (
     check_shapes_and_training,
     check_randomness,
     check_predict_deterministic,
+    check_seeded_noise,
     check_certificates,
     check_record,
     check_save_load,

@@ -38,6 +38,12 @@ from torch import Tensor, nn
 from bench.threat import NORMS
 
 ABSTAIN = -1
+DEFAULT_PREDICT_DRAWS = 1000
+"""Draws per example of the default :meth:`Defense.predict` of a randomized defense whose
+:meth:`Defense.record` declares no ``n_draws``."""
+DEFAULT_PREDICT_ALPHA = 0.001
+"""Level of the default predict's abstention test when :meth:`Defense.record` declares no
+``alpha`` (Cohen et al.'s value)."""
 
 
 @dataclass(frozen=True)
@@ -218,9 +224,48 @@ class Defense:
         indices: Tensor | None = None,
         batch_size: int | None = None,
     ) -> Tensor:
-        """Predicted labels ``(N,)`` int64, ``-1`` to abstain. Default: argmax of one forward."""
+        """Predicted labels ``(N,)`` int64 for ``x`` ``(N, C, H, W)`` in [0, 1], ``-1`` = abstain.
+
+        Default, deterministic defense: the argmax of one forward pass. Default, randomized
+        defense: a Monte Carlo majority vote, Cohen et al.'s PREDICT on this defense's own
+        network (:func:`bench.sampling.cohen.predict_from_counts`): ``record().n_draws``
+        draws per example (:data:`DEFAULT_PREDICT_DRAWS` if ``None``) through the sampling
+        engine, which supplies the noise of every :class:`bench.noise.NoiseLayer` of
+        ``model_``, seeded by ``seed`` and the global ``indices`` (so the result does not
+        depend on batch size or sharding); abstain where the binomial test of the top two
+        counts has p-value ``> record().alpha`` (:data:`DEFAULT_PREDICT_ALPHA` if ``None``).
+        The returned label differs from the majority class of the noisy network with
+        probability ``<= alpha``. ``batch_size``: rows per forward pass (no effect on results).
+        """
         self.model_.eval()
-        return self.logits(x).argmax(dim=1)
+        if not self.randomized:
+            return self.logits(x).argmax(dim=1)
+        from bench.errors import ConfigError
+        from bench.sampling import PREDICTION, NotRandomizedError, sample
+        from bench.sampling.cohen import predict_from_counts
+
+        rec = self.record()
+        n = DEFAULT_PREDICT_DRAWS if rec.n_draws is None else rec.n_draws
+        alpha = DEFAULT_PREDICT_ALPHA if rec.alpha is None else rec.alpha
+        try:
+            samples = sample(
+                self.model_,
+                x,
+                n,
+                num_classes=self.num_classes_,
+                seed=seed,
+                stream=PREDICTION,
+                indices=indices,
+                batch_size=batch_size,
+            )
+        except NotRandomizedError:
+            raise ConfigError(
+                f"defense {self.name or type(self).__name__!r} is randomized but no "
+                "bench.noise.NoiseLayer runs in its network: add its noise as a NoiseLayer in "
+                "build() (register a new distribution with bench.noise.register_noise), or "
+                "override predict()"
+            ) from None
+        return predict_from_counts(samples.counts, alpha).to(x.device)
 
     def certify(
         self,

@@ -7,9 +7,7 @@ list` and runs through `certbench run` into the results, with no edit to certben
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,54 +17,33 @@ EXAMPLE = ROOT / "examples" / "defense-plugin"
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("site")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--no-index",
-        "--no-build-isolation",
-        "--target",
-        str(site),
-        str(EXAMPLE),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"installing the example plugin failed:\n{proc.stderr[-2000:]}")
-    return site
+def plugin_site(install_package) -> Path:
+    return install_package(EXAMPLE)
 
 
-def _certbench(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+@pytest.fixture
+def certbench(certbench_cli):
+    """``certbench(args, site, cwd)``: the CLI in a fresh process with ``site`` on its path."""
+
+    def run(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
+        return certbench_cli(args, cwd=cwd, paths=[site])
+
+    return run
 
 
-def test_plugin_listed(plugin_site, tmp_path):
-    out = _certbench(["defenses", "list"], plugin_site, tmp_path)
+def test_plugin_listed(plugin_site, certbench, tmp_path):
+    out = certbench(["defenses", "list"], plugin_site, tmp_path)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("bit-depth"))
     assert "certbench-bitdepth-example" in line
-    show = _certbench(["defenses", "show", "bit-depth"], plugin_site, tmp_path)
+    show = certbench(["defenses", "show", "bit-depth"], plugin_site, tmp_path)
     assert show.returncode == 0 and "bits per pixel" in show.stdout
 
 
 @pytest.mark.slow
-def test_plugin_runs_through_certbench_run(plugin_site, tmp_path):
+def test_plugin_runs_through_certbench_run(plugin_site, certbench, tmp_path):
     store = tmp_path / "store.sqlite"
-    out = _certbench(
+    out = certbench(
         ["run", str(EXAMPLE / "plugin.toml"), "--store", str(store), "--quiet"],
         plugin_site,
         tmp_path,
@@ -81,9 +58,9 @@ def test_plugin_runs_through_certbench_run(plugin_site, tmp_path):
     assert isinstance(acc, float) and 0.5 < acc <= 1.0
 
 
-def test_plugin_absent_without_install(tmp_path):
+def test_plugin_absent_without_install(certbench, tmp_path):
     env_site = tmp_path / "empty"
     env_site.mkdir()
-    out = _certbench(["defenses", "list"], env_site, tmp_path)
+    out = certbench(["defenses", "list"], env_site, tmp_path)
     assert out.returncode == 0
     assert "bit-depth" not in out.stdout

@@ -1,5 +1,5 @@
-"""The generic registry (defenses, models, attacks, datasets): registration in both decorator
-forms, lookup, errors, entry-point plugins."""
+"""The generic registry (defenses, models, attacks, datasets, noises): registration in both
+decorator forms, lookup, errors, entry-point plugins."""
 
 from __future__ import annotations
 
@@ -224,13 +224,14 @@ def test_duplicate_model_raises_naming_both(clean_registry):
 
 def test_every_kind_uses_one_registry_class():
     kinds = {kind: reg for kind, reg in registry.REGISTRIES.items()}
-    assert set(kinds) == {"defense", "model", "attack", "dataset"}
+    assert set(kinds) == {"defense", "model", "attack", "dataset", "noise"}
     assert all(isinstance(r, registry.Registry) for r in kinds.values())
     assert {r.group for r in kinds.values()} == {
         "certbench.defenses",
         "certbench.models",
         "certbench.attacks",
         "certbench.datasets",
+        "certbench.noises",
     }
 
 

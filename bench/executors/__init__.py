@@ -96,9 +96,11 @@ def run_spec(
 
 def _log_cell(spec_name: str, cell, result: dict[str, Any]) -> None:
     acc = result["metrics"].get("accuracy")
+    train_s = result["train_seconds"]
+    trained = "pretrained" if train_s is None else f"{train_s:.1f} s train"
     print(
         f"[{spec_name}] stored {cell.label or cell.defense} {cell.model} {cell.norm} "
-        f"seed={cell.seed}: accuracy {acc:.4f} ({result['train_seconds']:.1f} s train, "
+        f"seed={cell.seed}: accuracy {acc:.4f} ({trained}, "
         f"{result['eval_seconds']:.1f} s eval)",
         file=sys.stderr,
     )

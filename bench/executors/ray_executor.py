@@ -65,9 +65,11 @@ def _worker(cell, ckroot: str, device: str | None, threads: int):
     )
 
 
-def _train_task(cell, ckroot: str, device: str | None, threads: int) -> tuple[DefenseFacts, float]:
-    d, train_seconds = _worker(cell, ckroot, device, threads)
-    return DefenseFacts.of(d, cell.norm), float(train_seconds)
+def _train_task(
+    cell, ckroot: str, device: str | None, threads: int
+) -> tuple[DefenseFacts, float | None]:
+    d, train_seconds = _worker(cell, ckroot, device, threads)  # None: a pretrained cell
+    return DefenseFacts.of(d, cell.norm), None if train_seconds is None else float(train_seconds)
 
 
 def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int) -> ShardResult:

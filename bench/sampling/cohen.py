@@ -23,7 +23,7 @@ from bench.sampling.sites import prediction_mode
 from bench.stats import binomial_test_pvalue
 from bench.validation import check_int, check_number
 
-__all__ = ["ABSTAIN", "smoothed_certify", "smoothed_predict"]
+__all__ = ["ABSTAIN", "predict_from_counts", "smoothed_certify", "smoothed_predict"]
 
 ABSTAIN = -1
 """The label returned when the smoothed classifier abstains."""
@@ -124,10 +124,23 @@ def smoothed_predict(
         model, x, [(PREDICTION, n)], sigma, num_classes, generator, seed, indices, batch_size,
         workers, block_size,
     )  # fmt: skip
+    return predict_from_counts(counts, alpha).to(x.device)
+
+
+def predict_from_counts(counts: Tensor, alpha: float) -> Tensor:
+    """PREDICT's decision from the class counts of ``n`` draws per example.
+
+    ``counts``: ``(N, K)`` int64, ``K >= 2``. With top two counts ``c1 >= c2``, returns the
+    top class, or ``-1`` (abstain) where the two-sided binomial test of ``c1`` successes in
+    ``c1 + c2`` trials at ``p = 1/2`` has p-value ``> alpha``. ``(N,)`` int64 on the CPU.
+    Any randomized classifier's Monte Carlo majority vote (the default
+    :meth:`defenses.base.Defense.predict`) abstains by the same rule.
+    """
+    alpha = _check_alpha(alpha)
     top = torch.topk(counts, 2, dim=1).values.cpu().numpy()
     pvalues = torch.as_tensor(binomial_test_pvalue(top[:, 0], top[:, 1]), dtype=torch.float64)
     label = counts.argmax(dim=1).cpu()
-    return torch.where(pvalues > alpha, ABSTAIN, label).to(x.device)
+    return torch.where(pvalues > alpha, ABSTAIN, label)
 
 
 def _sample_under_noise(

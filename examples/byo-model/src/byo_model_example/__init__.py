@@ -1,0 +1,1 @@
+"""Example: a network of your own, benchmarked by certbench."""
