@@ -25,6 +25,7 @@ Stages of a cell (:class:`bench.spec.CellConfig`):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -237,6 +238,12 @@ def certify_all(
     )
 
 
+def takes_labels(d: Defense) -> bool:
+    """Whether ``d.certify`` accepts the true labels (``labels=``, :class:`Defense`'s
+    contract); a plugin written before the keyword existed does not get them."""
+    return "labels" in inspect.signature(d.certify).parameters
+
+
 def attack_all(
     d: Defense,
     x: Tensor,
@@ -393,6 +400,8 @@ def evaluate_shard(
             eval_batch_size=eval_bs,
             progress=progress,
             offset=start,
+            # the true labels, for the clean certification only (never for attacked inputs)
+            labels=y if takes_labels(d) else None,
         )
         pred, radius = cert.labels, cert.radius(cell.norm)
         draws = cert.extra.get("draws")

@@ -68,6 +68,11 @@ class RandomizedSmoothing(Defense):
             ``n``); sequential predict uses ``n_predict`` when it is set.
         sequence: the confidence sequence of the sequential tests
             (:data:`bench.confseq.SEQUENCES`).
+        test_labels: sequential certify only: where the caller gives the true labels (the
+            pipeline does for the clean test set, never for attacked inputs), test them
+            directly instead of a class selected on ``n0`` draws. Saves the selection draws
+            and the draws spent certifying wrong predictions; clean coverage and robust
+            precision then count only correct certificates (a wrong prediction abstains).
     """
 
     randomized = True
@@ -83,6 +88,7 @@ class RandomizedSmoothing(Defense):
         "sequential": "certify/predict in rounds, stopping once every grid decision is fixed",
         "max_n": "most draws per example of the sequential tests (None: n)",
         "sequence": "confidence sequence of the sequential tests: " + ", ".join(SEQUENCES),
+        "test_labels": "sequential certify tests the true label when given (no selection)",
     }
 
     check_params: ClassVar[dict[str, Any]] = {"n0": 10, "n": 200, "n_predict": 200}
@@ -101,6 +107,7 @@ class RandomizedSmoothing(Defense):
         sequential: bool = False,
         max_n: int | None = None,
         sequence: str = DEFAULT_SEQUENCE,
+        test_labels: bool = False,
     ) -> None:
         check_number(sigma, "sigma", low=0.0, low_open=True)
         check_int(n0, "n0", minimum=1)
@@ -113,6 +120,7 @@ class RandomizedSmoothing(Defense):
         if max_n is not None:
             check_int(max_n, "max_n", minimum=1)
         check_choice(sequence, "sequence", SEQUENCES)
+        check_bool(test_labels, "test_labels")
         self.sigma = sigma
         self.n0 = n0
         self.n = n
@@ -122,6 +130,7 @@ class RandomizedSmoothing(Defense):
         self.sequential = sequential
         self.max_n = max_n
         self.sequence = sequence
+        self.test_labels = test_labels
 
     def record(self) -> DefenseRecord:
         """Board row: ``n`` estimation draws per certificate (sequential: the cap ``max_n``;
@@ -217,7 +226,8 @@ class RandomizedSmoothing(Defense):
         ``>= 1 − alpha`` per example, ``g(x + δ) = label`` for every ``δ`` of smaller norm.
         All three norms are always reported; ``norm`` (the runner's threat model) must be one
         of ``"l1"``, ``"l2"``, ``"linf"``. Fixed ``n``: ``radii`` and ``labels`` are ignored
-        (the certificate is a radius). Sequential: see :meth:`_certify_sequential`.
+        (the certificate is a radius). Sequential: see :meth:`_certify_sequential`
+        (``labels`` are tested only with ``test_labels``).
         """
         check_choice(norm, "norm", NORMS)
         self.model_.eval()
@@ -259,8 +269,9 @@ class RandomizedSmoothing(Defense):
         each mapped to the ℓ2 radius whose conversion to ``norm`` reaches it. The radius
         reported for ``norm`` is the largest grid radius certified (exactly the grid value);
         the ℓ2 radius is the ℓ2 radius tested for it, and the other norms its conversions.
-        ``labels`` (true labels) are tested directly when given. ``extra["draws"]``: the
-        ``(N,)`` int64 forward passes spent per example.
+        ``labels`` (true labels) are tested directly when given and ``test_labels`` is set,
+        else ignored. ``extra["draws"]``: the ``(N,)`` int64 forward passes spent per
+        example.
         """
         dim = math.prod(x.shape[1:])
         grid = sorted({float(r) for r in (radii or [])} | {0.0})
@@ -275,7 +286,7 @@ class RandomizedSmoothing(Defense):
             alpha=float(self.alpha),
             max_n=self._max_n,
             n0=self.n0,
-            labels=labels,
+            labels=labels if self.test_labels else None,
             seed=seed,
             indices=indices,
             **self._sequential_kwargs(batch_size),

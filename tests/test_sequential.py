@@ -31,7 +31,14 @@ from bench.confseq import (
 )
 from bench.errors import ConfigError
 from bench.noise import NoiseLayer
-from bench.pipeline import DefenseFacts, ShardResult, cell_result, certify_all, merge_shards
+from bench.pipeline import (
+    DefenseFacts,
+    ShardResult,
+    cell_result,
+    certify_all,
+    merge_shards,
+    takes_labels,
+)
 from bench.registry import create_defense
 from bench.sampling import (
     ESTIMATION,
@@ -500,6 +507,11 @@ def test_sequential_parameters_are_validated(params, field):
         create_defense("pixeldp", **params)
 
 
+def test_test_labels_is_validated():
+    with pytest.raises(ConfigError, match="test_labels"):
+        create_defense("randomized-smoothing", test_labels=1)
+
+
 def test_pixeldp_sequential_needs_the_argmax_estimator():
     with pytest.raises(ConfigError, match="argmax"):
         create_defense("pixeldp", sequential=True, estimator="softmax")
@@ -568,7 +580,12 @@ def test_certify_all_passes_labels_only_when_given():
 
     old = Old().setup(nn.Flatten(), input_shape=(1, 1, 4), num_classes=2)
     assert certify_all(old, torch.zeros(3, 1, 1, 4), norm="l2").labels.tolist() == [0, 0, 0]
-    d = _smoothing(sequential=True, max_n=5000)
+    assert not takes_labels(old) and takes_labels(_smoothing())
+    d = _smoothing(sequential=True, max_n=5000, test_labels=True)
     x = _line_inputs(np.array([0.3, -0.3]))
     cert = certify_all(d, x, norm="l2", radii=[0.1], labels=torch.tensor([0, 0]))
     assert cert.labels.tolist() == [0, ABSTAIN] and cert.extra["draws"].tolist() == [1000, 1000]
+    # without test_labels the labels are ignored: CERTIFY's selection (n0 = 100 draws)
+    d = _smoothing(sequential=True, max_n=5000)
+    cert = certify_all(d, x, norm="l2", radii=[0.1], labels=torch.tensor([0, 0]))
+    assert cert.labels.tolist() == [0, 1] and cert.extra["draws"].tolist() == [1100, 1100]

@@ -132,6 +132,7 @@ def test_capabilities_and_build():
         sequential=False,
         max_n=None,
         sequence="clopper-pearson-union",
+        test_labels=False,
     )
 
 
