@@ -19,12 +19,17 @@ deterministic maps from those bounds to radii.
   fixed noise satisfies (:func:`pixeldp_robust_size_from_bounds`,
   :func:`pixeldp_robust_size`); then :func:`convert_radius` to the other norms.
 
+* Sequential PixelDP (:class:`PixelDPSequentialTest`): the robustness test at a grid of
+  thresholds, from confidence sequences (:mod:`bench.confseq`) on every label's argmax
+  probability, for the round loop of :mod:`bench.sampling.sequential`.
+
 Conversion of a radius between norms is :func:`bench.threat.convert_radius` (re-exported).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +49,12 @@ from bench.stats import (
 from bench.threat import convert_radius  # re-exported: callers import it from here
 from bench.validation import check_choice, check_int
 
+if TYPE_CHECKING:
+    from bench.confseq import ConfidenceSequence
+
 __all__ = [
     "MECHANISMS",
+    "PixelDPSequentialTest",
     "ScoreBounds",
     "convert_radius",
     "gaussian_radius_from_bound",
@@ -525,3 +534,79 @@ def pixeldp_robust_size(
         construction_bound=construction_bound,
         sensitivity=sensitivity,
     )
+
+
+# --------------------------------------------------------------------------- sequential PixelDP
+class PixelDPSequentialTest:
+    """PixelDP's robustness test at a grid of thresholds ``T``, decided sequentially from
+    argmax counts (the decisions of :func:`bench.sampling.sequential.run_rounds`).
+
+    After each look, every label ``c`` has a lower and an upper bound on its argmax
+    probability ``p_c`` from ``sequence`` (running maximum / minimum over the looks), which
+    must be at level ``eta / K``: the Bonferroni over the K labels of the fixed-n test, which
+    also covers the top label being picked from the same draws. With ``t`` the most frequent
+    label and ``size(pl, pu)`` the largest certified size (:func:`pixeldp_robust_size_from_bounds`,
+    converted to the grid's norm by the caller):
+
+    * robust at ``T`` iff ``size(lower_t, max_{j != t} upper_j) >= T`` (the fixed-n test on
+      the sequence's bounds);
+    * not robust at ``T`` once even the most favourable truth the bounds allow,
+      ``size(max_c upper_c, second-largest lower)``, is below ``T`` (no number of draws
+      would certify it), or once ``size`` at ``max_n`` stays below ``T`` with every
+      remaining draw on ``t`` (futility; ``t`` is the best case, as bounds grow with counts).
+
+    Guarantee: where every sequence holds (probability ``>= 1 - 2 eta`` for one-sided
+    sequences at ``eta / K``, the PixelDP reference's convention; ``>= 1 - eta`` for the
+    two-sided betting sequence), the bounds hold at the look where the example stopped, so
+    a reported threshold is certified. ``thresholds`` are positive, in the grid's norm.
+    """
+
+    def __init__(
+        self,
+        thresholds: np.ndarray,
+        size: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        sequence: ConfidenceSequence,
+        max_n: int,
+        num_examples: int,
+        num_classes: int,
+    ) -> None:
+        self.thresholds = np.unique(np.asarray(thresholds, dtype=np.float64))
+        if self.thresholds.size and not (self.thresholds > 0).all():
+            raise StatisticsValueError("PixelDP's sequential thresholds must be > 0")
+        self.size, self.sequence, self.max_n = size, sequence, max_n
+        self.lower = np.zeros((num_examples, num_classes))
+        self.upper = np.ones((num_examples, num_classes))
+        self.labels = np.zeros(num_examples, dtype=np.int64)
+        self.p_lower = np.zeros(num_examples)
+        self.p_upper = np.ones(num_examples)
+        self.level = np.zeros(num_examples, dtype=np.int64)
+
+    def update(self, positions: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+        """Fold in the bounds after ``n`` draws (``counts``: ``(m, K)``); return which of the
+        examples at ``positions`` stay open."""
+        seq, m = self.sequence, positions.size
+        lower = np.maximum(self.lower[positions], seq.lower(counts, n))
+        upper = np.minimum(self.upper[positions], seq.upper(counts, n))
+        self.lower[positions], self.upper[positions] = lower, upper
+        rows = np.arange(m)
+        top, others = _top_label(counts.astype(np.float64))
+        p_lower = lower[rows, top]
+        p_upper = np.where(others, upper, 0.0).max(axis=1)
+        level = np.searchsorted(self.thresholds, self.size(p_lower, p_upper), side="right")
+        self.labels[positions], self.level[positions] = top, level
+        self.p_lower[positions], self.p_upper[positions] = p_lower, p_upper
+        if n >= self.max_n or self.thresholds.size == 0:
+            return np.zeros(m, dtype=bool)
+        nxt = self.thresholds[np.minimum(level, self.thresholds.size - 1)]
+        second_lower = np.sort(lower, axis=1)[:, -2] if lower.shape[1] > 1 else np.zeros(m)
+        reachable = self.size(upper.max(axis=1), second_lower) >= nxt
+        rest = self.max_n - n
+        best_top = seq.lower(counts[rows, top] + rest, self.max_n)
+        best_others = np.where(others, seq.upper(counts, self.max_n), 0.0).max(axis=1)
+        not_futile = self.size(best_top, best_others) >= nxt
+        return (level < self.thresholds.size) & reachable & not_futile
+
+    def radii(self) -> np.ndarray:
+        """``(N,)`` the largest threshold certified (0 where none)."""
+        grid = np.concatenate([[0.0], self.thresholds])
+        return grid[self.level]

@@ -25,6 +25,7 @@ Stages of a cell (:class:`bench.spec.CellConfig`):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -219,9 +220,12 @@ def certify_all(
     eval_batch_size: int | None = None,
     progress: bool = False,
     offset: int = 0,
+    labels: Tensor | None = None,
 ) -> Certificate:
-    """Certificates for every row of ``x`` (as :func:`predict_all`; ``radii`` as for
-    :meth:`defenses.base.Defense.certify`)."""
+    """Certificates for every row of ``x`` (as :func:`predict_all`; ``radii`` and ``labels``
+    as for :meth:`defenses.base.Defense.certify`; ``labels`` are passed only when given, so
+    a defense whose certify predates the keyword keeps working)."""
+    true_labels = labels
     labels, radius, bound = [], [], ""
     extra: dict[str, list[Tensor]] = {}
     for a, b in tqdm(
@@ -231,6 +235,7 @@ def certify_all(
         leave=False,
         unit="chunk",
     ):
+        given = {} if true_labels is None else {"labels": true_labels[a:b].to(d.device)}
         cert = d.certify(
             x[a:b].to(d.device),
             norm=norm,
@@ -238,6 +243,7 @@ def certify_all(
             indices=torch.arange(offset + a, offset + b),
             batch_size=eval_batch_size,
             radii=radii,
+            **given,
         )
         labels.append(cert.labels.cpu())
         radius.append(cert.radius(norm).cpu().to(torch.float64))
@@ -253,6 +259,12 @@ def certify_all(
         bound=bound,
         extra={k: torch.cat(v) for k, v in extra.items()},
     )
+
+
+def takes_labels(d: Defense) -> bool:
+    """Whether ``d.certify`` accepts the true labels (``labels=``, :class:`Defense`'s
+    contract); a plugin written before the keyword existed does not get them."""
+    return "labels" in inspect.signature(d.certify).parameters
 
 
 def attack_all(
@@ -376,12 +388,15 @@ class ShardResult:
             certify the cell's norm.
         adv: attack label -> eps -> ``(pred_adv, radius_adv | None)`` on the attacked prefix
             of the slice (its length is the attack's coverage).
+        draws: ``(N,)`` int64 Monte Carlo draws the clean certificates spent per example,
+            when the defense reports them (``Certificate.extra["draws"]``), else ``None``.
     """
 
     y: Tensor
     pred: Tensor
     radius: Tensor | None
     adv: dict[str, dict[float, tuple[Tensor, Tensor | None]]] = field(default_factory=dict)
+    draws: Tensor | None = None
 
 
 def evaluate_shard(
@@ -408,12 +423,15 @@ def evaluate_shard(
             eval_batch_size=eval_bs,
             progress=progress,
             offset=start,
+            # the true labels, for the clean certification only (never for attacked inputs)
+            labels=y if takes_labels(d) else None,
         )
         pred, radius = cert.labels, cert.radius(cell.norm)
+        draws = cert.extra.get("draws")
     else:
         pred = predict_all(d, x, seed=cell.seed, eval_batch_size=eval_bs, offset=start)
-        radius = None
-    out = ShardResult(y=y.clone(), pred=pred, radius=radius)
+        radius = draws = None
+    out = ShardResult(y=y.clone(), pred=pred, radius=radius, draws=draws)
     n_test = ds.y_test.numel()
     jobs = []
     for a in attack_list(cell.attack):
@@ -456,6 +474,7 @@ def merge_shards(shards: Sequence[ShardResult]) -> ShardResult:
         y=cat([s.y for s in shards]),
         pred=cat([s.pred for s in shards]),
         radius=cat([s.radius for s in shards]),
+        draws=cat([s.draws for s in shards]),
     )
     for label in dict.fromkeys(k for s in shards for k in s.adv):
         for eps in sorted({e for s in shards for e in s.adv.get(label, {})}):
@@ -584,6 +603,7 @@ class DefenseFacts:
     n_draws: int | None
     alpha: float | None
     bound: str | None
+    method: str | None = None
 
     @classmethod
     def of(cls, d: Defense, norm: str) -> DefenseFacts:
@@ -594,6 +614,8 @@ class DefenseFacts:
             n_draws=None if rec.n_draws is None else int(rec.n_draws),
             alpha=None if rec.alpha is None else float(rec.alpha),
             bound=rec.bound,
+            # a randomized defense that does not say how it spends its draws uses a fixed n
+            method=rec.method or ("fixed-n" if d.randomized else None),
         )
 
 
@@ -610,6 +632,10 @@ def cell_result(
 
     ``train_seconds`` is ``None`` for a pretrained cell (nothing was trained); its weights'
     SHA-256 goes into the provenance (``weights_sha256``).
+    ``n_draws`` is what the defense declares, except where the clean certificates reported
+    the draws they spent (sequential tests): then their mean per example, rounded to the
+    nearest integer (the store's column is an integer). The method (``fixed-n`` /
+    ``sequential-<sequence>``) goes into the provenance.
     """
     metrics, counts = score(
         merged,
@@ -622,11 +648,16 @@ def cell_result(
         prov["bound"] = facts.bound
     if cell.weights_sha256 is not None:
         prov["weights_sha256"] = cell.weights_sha256
+    if facts.method is not None:
+        prov["method"] = facts.method
+    n_draws = facts.n_draws
+    if merged.draws is not None and merged.draws.numel():
+        n_draws = round(float(merged.draws.double().mean()))
     return {
         "metrics": metrics,
         "counts": counts,
         "n_test": int(merged.y.numel()),
-        "n_draws": facts.n_draws,
+        "n_draws": n_draws,
         "alpha": facts.alpha,
         "attack": attack_label(cell.attack),
         "train_seconds": None if train_seconds is None else float(train_seconds),

@@ -102,11 +102,17 @@ class DefenseRecord:
             (Cohen's ``alpha``, PixelDP's ``eta``); ``None`` when nothing is estimated.
         bound: name of the bound behind the certified radii (``"cohen-gaussian"``,
             ``"pixeldp-argmax"``, ``"wong-kolter-dual"``); ``None`` when nothing is certified.
+        method: how the Monte Carlo draws are spent: ``"fixed-n"`` (``n_draws`` per example)
+            or ``"sequential-<confidence sequence>"`` (rounds, at most ``n_draws`` per
+            example; the certificate's ``extra["draws"]`` says how many each took);
+            ``None`` when nothing is sampled (the pipeline records a randomized defense
+            that declares none as ``"fixed-n"``).
     """
 
     n_draws: int | None = None
     alpha: float | None = None
     bound: str | None = None
+    method: str | None = None
 
 
 class Defense:
@@ -276,6 +282,7 @@ class Defense:
         indices: Tensor | None = None,
         batch_size: int | None = None,
         radii: Sequence[float] | None = None,
+        labels: Tensor | None = None,
     ) -> Certificate:
         """Certified predictions for ``norm``. Non-certifying defenses return radius 0.
 
@@ -285,6 +292,16 @@ class Defense:
         example, the largest radius of ``radii`` it certifies (0 if none); otherwise it
         ignores them and returns its own radius. Either way ``radius >= r`` must imply a
         certificate at ``r``.
+
+        ``labels``: optional ``(N,)`` int64 true labels. A defense may test them directly
+        (e.g. sequential randomized smoothing, which then needs no selection draws); the
+        returned labels are then the true label where it is certified at radius ``>= 0`` and
+        ``-1`` (abstain) elsewhere: the smoothed prediction is ``y`` with probability
+        ``>= 1 - alpha`` wherever it is certified, and a wrong prediction is never reported as
+        certified. Other defenses ignore them. Callers pass them only where wrong
+        certified predictions need not be seen (never when re-scoring attacked inputs).
+        A certificate may report the Monte Carlo draws it spent per example as
+        ``extra["draws"]`` (``(N,)`` int64).
         """
         labels = self.predict(x, seed=seed, indices=indices, batch_size=batch_size)
         zeros = torch.zeros(labels.shape, dtype=torch.float64)

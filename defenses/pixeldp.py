@@ -40,6 +40,14 @@ used in the certificate is shrunk by that factor (never enlarged):
 Inputs are never normalised with data statistics before the noise (the model's layers before
 the first parameterised layer may only be ``Flatten`` / ``Identity``).
 
+**Sequential certification** (``sequential=True``, argmax estimator): the robustness test
+at the grid of thresholds the caller scores, decided in rounds of draws up to ``max_n``
+(:class:`bench.certificates.PixelDPSequentialTest` in the round loop of
+:mod:`bench.sampling.sequential`): a lower confidence sequence on the top label's argmax
+probability and an upper one on every other label's, Bonferroni over ``K`` as below; an
+example stops once every threshold is decided. The radius is then the largest threshold
+certified, and its label the most frequent one when it stopped.
+
 **Confidence.** Following the PixelDP reference, ``eta`` is split over the ``K`` labels: every
 one-sided bound (a lower bound for each label, an upper bound for each label) fails with
 probability ``<= eta / K``. Because the bound is union-bounded over *all* K labels, the label
@@ -58,12 +66,14 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.certificates import (
     MECHANISMS,
+    PixelDPSequentialTest,
     ScoreBounds,
     convert_radius,
     gaussian_radius_from_bound,
@@ -72,11 +82,14 @@ from bench.certificates import (
     pixeldp_is_robust,
     pixeldp_robust_size_from_bounds,
 )
+from bench.confseq import SEQUENCES, confidence_sequence
 from bench.errors import ConfigError
 from bench.models import first_layer_index
 from bench.noise import NoiseLayer
 from bench.registry import register_defense
 from bench.sampling import ESTIMATION, Samples, sample
+from bench.sampling.engine import check_indices
+from bench.sampling.sequential import DEFAULT_SEQUENCE, engine_draw, look_schedule, run_rounds
 from bench.threat import NORMS
 from bench.validation import check_bool, check_choice, check_int, check_number
 from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
@@ -156,6 +169,10 @@ class PixelDP(Defense):
             step: ``Delta <= 1`` always, the certificate keeps the full ``L``).
         parseval_beta, parseval_iters: the Parseval projection's step and repetitions.
         block_size: draws per seeded block of the sampling engine (part of the record).
+        sequential: certify sequentially over the caller's thresholds (argmax estimator
+            only; see the module docstring); predict keeps ``n_draws``.
+        max_n: the most draws per example of the sequential test (``None``: ``n_draws``).
+        sequence: its confidence sequence (:data:`bench.confseq.SEQUENCES`).
     """
 
     randomized: ClassVar[bool] = True
@@ -179,6 +196,9 @@ class PixelDP(Defense):
         "parseval_beta": "Parseval projection step",
         "parseval_iters": "Parseval iterations after every optimiser step",
         "block_size": "draws per seeded noise block (changes the draws)",
+        "sequential": "certify in rounds, stopping once every threshold is decided (argmax)",
+        "max_n": "most draws per example of the sequential test (None: n_draws)",
+        "sequence": "confidence sequence of the sequential test: " + ", ".join(SEQUENCES),
     }
 
     def __init__(
@@ -199,6 +219,9 @@ class PixelDP(Defense):
         parseval_beta: float = 3e-4,
         parseval_iters: int = 10,
         block_size: int = 1000,
+        sequential: bool = False,
+        max_n: int | None = None,
+        sequence: str = DEFAULT_SEQUENCE,
     ) -> None:
         self.epsilon = epsilon
         self.delta = delta
@@ -215,6 +238,9 @@ class PixelDP(Defense):
         self.parseval_beta = parseval_beta
         self.parseval_iters = parseval_iters
         self.block_size = block_size
+        self.sequential = sequential
+        self.max_n = max_n
+        self.sequence = sequence
         self._validate()
 
     def _validate(self) -> None:
@@ -254,6 +280,15 @@ class PixelDP(Defense):
         )
         check_int(self.parseval_iters, "parseval_iters", minimum=0, where=where)
         check_int(self.block_size, "block_size", minimum=1, where=where)
+        check_bool(self.sequential, "sequential", where=where)
+        if self.max_n is not None:
+            check_int(self.max_n, "max_n", minimum=1, where=where)
+        check_choice(self.sequence, "sequence", SEQUENCES, where=where)
+        if self.sequential and self.estimator != "argmax":
+            raise PixelDPConfigError(
+                f"{where}: sequential=True needs estimator='argmax' (the sequential test "
+                f"bounds argmax counts), got estimator={self.estimator!r}"
+            )
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -286,11 +321,24 @@ class PixelDP(Defense):
         return (2.0 if self.estimator == "argmax" else 4.0) * float(self.eta)
 
     def record(self) -> DefenseRecord:
-        """Board row: ``n_draws`` draws per prediction, ``alpha = eta`` (the reference's
-        convention, see :attr:`failure_probability`), bound ``"pixeldp-<estimator>"``."""
+        """Board row: ``n_draws`` draws per prediction (sequential: the cap ``max_n``; the
+        pipeline records the mean spent), ``alpha = eta`` (the reference's convention, see
+        :attr:`failure_probability`), bound ``"pixeldp-<estimator>"``, and for the sequential
+        test its method (fixed ``n_draws`` declares none)."""
+        if self.sequential:
+            return DefenseRecord(
+                n_draws=self._max_n,
+                alpha=float(self.eta),
+                bound=self._bound_name,
+                method=f"sequential-{self.sequence}",
+            )
         return DefenseRecord(
             n_draws=int(self.n_draws), alpha=float(self.eta), bound=self._bound_name
         )
+
+    @property
+    def _max_n(self) -> int:
+        return int(self.n_draws if self.max_n is None else self.max_n)
 
     @property
     def _bound_name(self) -> str:
@@ -451,6 +499,7 @@ class PixelDP(Defense):
         indices: Tensor | None = None,
         batch_size: int | None = None,
         radii: Sequence[float] | None = None,
+        labels: Tensor | None = None,
     ) -> Certificate:
         """Certified predictions from ``n_draws`` noisy passes.
 
@@ -460,13 +509,94 @@ class PixelDP(Defense):
             x: ``(N, C, H, W)`` inputs, pixels in ``[0, 1]``.
             norm: the norm the caller asks for; ``radii`` holds all of l1/l2/linf anyway.
             seed, indices: fix the draws (global example ids); batch_size: rows per forward.
-            radii: ignored: PixelDP's certificate is the largest certified size ``L_max``
-                itself, not a yes/no test per radius.
+            radii: ignored with a fixed ``n_draws`` (PixelDP's certificate is the largest
+                certified size ``L_max`` itself); the thresholds of the sequential test
+                (:meth:`certify_sequential`) otherwise.
+            labels: ignored (PixelDP certifies its own top label).
         """
         check_choice(norm, "norm", NORMS)
+        if self.sequential:
+            return self.certify_sequential(
+                x, norm=norm, seed=seed, indices=indices, batch_size=batch_size, radii=radii
+            )
         with torch.no_grad():
             samples = self._sample(x, seed, indices, batch_size)
         return self.certificate_from_samples(samples, norm=norm)
+
+    @torch.no_grad()
+    def certify_sequential(
+        self,
+        x: Tensor,
+        *,
+        norm: str,
+        seed: int = 0,
+        indices: Tensor | None = None,
+        batch_size: int | None = None,
+        radii: Sequence[float] | None = None,
+    ) -> Certificate:
+        """The robustness test at the thresholds ``radii`` (``norm`` units), sequentially.
+
+        Draws (stream ESTIMATION, the fixed test's, in the rounds of
+        :func:`bench.sampling.sequential.look_schedule`) until every positive threshold is
+        decided (:class:`bench.certificates.PixelDPSequentialTest`, confidence sequence
+        ``sequence`` at ``eta / K`` per label), or ``max_n``. ``L_max`` is computed as in
+        :meth:`certificate_from_samples` (construction bound ``L_eff``, converted to
+        ``norm``); the radius reported for ``norm`` is the largest threshold certified (0 if
+        none; without positive thresholds only the label is estimated, from one round), the
+        other norms get 0. Holds with probability ``>= 1 -`` :attr:`failure_probability`.
+
+        Returns a :class:`Certificate` with ``extra``: ``draws`` (``(N,)`` int64 per
+        example), ``p_lower`` and ``p_upper`` (the bounds where the example stopped).
+        """
+        check_choice(norm, "norm", NORMS)
+        self.noise_layer_.multiplier = 1.0
+        k = self.num_classes_
+        max_n = self._max_n
+        looks = look_schedule(max_n, self.block_size)
+        sequence = confidence_sequence(self.sequence, float(self.eta) / k, len(looks))
+        budget = dict(
+            mechanism=self.mechanism,
+            epsilon=float(self.epsilon),
+            delta=float(self.delta),
+            construction_bound=self.certified_construction_bound(),
+        )
+        dim = math.prod(self.input_shape_)
+
+        def size(p_lower: Any, p_upper: Any) -> Any:
+            l_max = pixeldp_robust_size_from_bounds(p_lower, p_upper, **budget)
+            return convert_radius(l_max, from_norm=self.attack_norm, to_norm=norm, dim=dim)
+
+        thresholds = sorted({float(r) for r in (radii or []) if float(r) > 0})
+        num = x.shape[0]
+        test = PixelDPSequentialTest(np.array(thresholds), size, sequence, max_n, num, k)
+        draw = engine_draw(
+            self.model_,
+            x,
+            check_indices(indices, num),
+            ESTIMATION,
+            num_classes=k,
+            seed=seed,
+            batch_size=batch_size,
+            block_size=self.block_size,
+            workers=None,
+            owner=self.model_,
+        )
+        _, draws = run_rounds(num, k, looks, draw, test.update)
+        dev = x.device
+        zeros = torch.zeros(num, dtype=torch.float64, device=dev)
+        radii_out = {to: zeros for to in NORMS}
+        radii_out[norm] = torch.from_numpy(test.radii()).to(dev)
+        extra = {
+            "draws": torch.from_numpy(draws).to(dev),
+            "p_lower": torch.from_numpy(test.p_lower).to(dev),
+            "p_upper": torch.from_numpy(test.p_upper).to(dev),
+        }
+        return Certificate(
+            labels=torch.from_numpy(test.labels).to(dev),
+            radii=radii_out,
+            bound=self._bound_name,
+            extra=extra,
+        )
 
     def certificate_from_samples(self, samples: Samples, *, norm: str | None = None) -> Certificate:
         """The PixelDP certificate from Monte Carlo statistics, in the paper's three steps.

@@ -172,6 +172,9 @@ def test_params_round_trip():
         parseval_beta=1e-3,
         parseval_iters=3,
         block_size=100,
+        sequential=False,
+        max_n=500,
+        sequence="betting",
     )
     d = create_defense("pixeldp", **params)
     assert d.get_params() == params

@@ -123,7 +123,16 @@ def test_capabilities_and_build():
     assert d.model_[0].kind == "gaussian" and float(d.model_[0].scale) == 0.5
     assert d.model_[1] is base
     assert d.get_params() == dict(
-        sigma=0.5, n0=100, n=100_000, alpha=0.001, n_predict=None, block_size=1000
+        sigma=0.5,
+        n0=100,
+        n=100_000,
+        alpha=0.001,
+        n_predict=None,
+        block_size=1000,
+        sequential=False,
+        max_n=None,
+        sequence="clopper-pearson-union",
+        test_labels=False,
     )
 
 

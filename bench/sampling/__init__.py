@@ -12,7 +12,9 @@ classifier smoothed with Gaussian noise on its input. One concern per module:
 * :mod:`~bench.sampling.runner` -- one forward pass: its noise, the model call, the counts;
 * :mod:`~bench.sampling.pipelines` -- CPU worker threads and out-of-memory back-off;
 * :mod:`~bench.sampling.engine` -- :func:`sample` and :func:`default_batch_size`;
-* :mod:`~bench.sampling.cohen` -- CERTIFY and PREDICT.
+* :mod:`~bench.sampling.cohen` -- CERTIFY and PREDICT;
+* :mod:`~bench.sampling.sequential` -- sequential CERTIFY and PREDICT (rounds, confidence
+  sequences, stop once every grid decision is fixed).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from bench.sampling.seeding import (
     RESCORE,
     SELECTION,
     block_seed,
+)
+from bench.sampling.sequential import (
+    smoothed_certify_sequential,
+    smoothed_predict_sequential,
 )
 from bench.sampling.sites import NotRandomizedError
 
@@ -48,5 +54,7 @@ __all__ = [
     "default_batch_size",
     "sample",
     "smoothed_certify",
+    "smoothed_certify_sequential",
     "smoothed_predict",
+    "smoothed_predict_sequential",
 ]

@@ -168,12 +168,17 @@ def sample_streams(
     progress: bool = False,
     row_bytes_owner: nn.Module | None = None,
     workers: int | None = None,
+    first_block: int = 0,
 ) -> list[Samples]:
     """:func:`sample` for several ``(stream, n)`` requests at once, sharing forward passes.
 
     Each request's draws are exactly those :func:`sample` gives it alone (same blocks and
     seeds); packing them together only saves forward passes. ``row_bytes_owner``: the module
-    under which the memory estimate is remembered (default ``model``).
+    under which the memory estimate is remembered (default ``model``). ``first_block``: the
+    requests take the draws from draw ``first_block * block_size`` of their streams on
+    (:func:`~bench.sampling.plan.plan_passes`): the counts of ``(stream, m)`` at first
+    block ``b`` are those of ``(stream, b * block_size + m)`` minus those of
+    ``(stream, b * block_size)``, which lets a sequential test draw in rounds.
     """
     num_classes = check_int(num_classes, "num_classes", minimum=1)
     block_size = check_int(block_size, "block_size", minimum=1)
@@ -182,6 +187,7 @@ def sample_streams(
         batch_size = check_int(batch_size, "batch_size", minimum=1)
     if workers is not None:
         workers = check_int(workers, "workers", minimum=1)
+    first_block = check_int(first_block, "first_block", minimum=0)
     if not noise_layers(model):
         raise NotRandomizedError(
             f"sample() needs a randomized model (one with a NoiseLayer); got {type(model).__name__}"
@@ -201,7 +207,8 @@ def sample_streams(
             per_row = row_bytes(model, x, owner=row_bytes_owner)
             batch_size = budget_batch_size(x, per_row, block_rows, wanted)
         streams = [stream for stream, _ in requests]
-        units = list(work_units(plan_passes(num_examples, requests, block_size, batch_size)))
+        plan = plan_passes(num_examples, requests, block_size, batch_size, first_block)
+        units = list(work_units(plan))
         pool = min(wanted, len(units))
 
         def pipeline() -> Pipeline:

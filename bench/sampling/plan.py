@@ -18,7 +18,11 @@ Segment = tuple[int, int, int, int, int, int]
 
 
 def plan_passes(
-    num_examples: int, requests: list[tuple[int, int]], block_size: int, batch_size: int
+    num_examples: int,
+    requests: list[tuple[int, int]],
+    block_size: int,
+    batch_size: int,
+    first_block: int = 0,
 ) -> Iterator[list[Segment]]:
     """Group the rows into forward passes of <= batch_size rows.
 
@@ -26,13 +30,20 @@ def plan_passes(
     blocks (e.g. Cohen's ``n0`` selection draws) of many examples share passes. Whole blocks
     are packed together; a block larger than ``batch_size`` is split into
     ``ceil(rows / batch_size)`` near-equal pieces, one forward pass each.
+
+    ``first_block``: a request's ``n`` draws are draws ``[first_block * block_size,
+    first_block * block_size + n)`` of its stream, i.e. blocks ``first_block, ...`` (a
+    sequential test's later rounds continue the draws of its earlier ones). A block keeps the
+    rows it has when the draws start at 0, so the draws are those of a single request for
+    ``first_block * block_size + n`` draws, from draw ``first_block * block_size`` on.
     """
     chunk: list[Segment] = []
     used = 0
     for slot, (_, n) in enumerate(requests):
         for e in range(num_examples):
-            for b in range(-(-n // block_size)):
-                rows = min(block_size, n - b * block_size)
+            for i in range(-(-n // block_size)):
+                b = first_block + i
+                rows = min(block_size, n - i * block_size)
                 if rows <= batch_size:
                     if used + rows > batch_size:
                         yield chunk
