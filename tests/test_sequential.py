@@ -541,7 +541,9 @@ def test_pixeldp_sequential_certify_reports_thresholds_and_draws():
 
 # --------------------------------------------------------------------------- pipeline
 def test_cell_result_records_mean_draws_and_the_method():
-    cell = SimpleNamespace(threat={"radii": [0.0], "thresholds": []}, attack=None)
+    cell = SimpleNamespace(
+        threat={"radii": [0.0], "thresholds": []}, attack=None, weights_sha256=None
+    )
     facts = DefenseFacts(certifies=True, randomized=True, n_draws=100_000, alpha=0.001,
                          bound="cohen-gaussian", method="sequential-betting")  # fmt: skip
     parts = [

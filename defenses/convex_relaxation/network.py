@@ -180,8 +180,7 @@ def parse_network(model: nn.Module, in_shape: Sequence[int]) -> list[Op]:
                 )
         elif not isinstance(layer, nn.Linear | nn.ReLU):
             raise ConfigError(
-                f"Wong–Kolter bounds do not support {where}; supported layers: "
-                f"{SUPPORTED_LAYERS}"
+                f"Wong–Kolter bounds do not support {where}; supported layers: {SUPPORTED_LAYERS}"
             )
         try:
             with torch.no_grad():  # a shape probe; the ops below keep the weights' graph
