@@ -152,7 +152,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     store_path = args.store or spec.store or DEFAULT_STORE
-    options = {"address": args.address} if args.executor == "ray" else {}
+    if args.executor == "ray":
+        if args.jobs is not None:
+            raise ConfigError("--jobs is for the local executor; Ray runs a task per free CPU")
+        options: dict[str, Any] = {"address": args.address}
+    else:
+        options = {"jobs": args.jobs}
     summary = run_spec(
         spec,
         store_path,
@@ -163,23 +168,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         **options,
     )
     _print_table(summary["rows"])
+    failed = summary.pop("failed")
     print(
         f"{summary['ran']} cell(s) run, {summary['skipped']} already stored; "
         f"store: {store_path} ({time.perf_counter() - args._t0:.1f} s)",
         file=sys.stderr,
     )
     _write_output(args.output, summary)
+    if failed:
+        raise CertbenchError(
+            f"{len(failed)} cell(s) failed: {'; '.join(str(f) for f in failed)}; "
+            "re-run to compute them"
+        )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bench.assembly import build_defense
-    from bench.environment import configure_threads, resolve_device, seed_everything
+    from bench.environment import (
+        configure_threads,
+        resolve_device,
+        seed_everything,
+        training_threads,
+    )
     from bench.metrics import accuracy
     from bench.pipeline import fit, predict_all
     from bench.training import TrainSettings
 
-    configure_threads()
+    configure_threads(training_threads())  # the checkpoint `certbench run` would train
     ds = _dataset(args)
     seed_everything(args.seed)
     d = build_defense(
@@ -475,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where cells run (ray needs the certbench[ray] extra)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="worker processes, one torch thread each (default: the usable cores, or "
+        "CERTBENCH_JOBS); 1 runs the cells one after another in this process",
+    )
     p.add_argument("--force", action="store_true", help="re-run cells that are already stored")
     _common(p, dataset=False)
     p.set_defaults(func=cmd_run)
@@ -593,6 +616,18 @@ def _terminate_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _prestart_workers(args: argparse.Namespace) -> None:
+    """``certbench run`` with worker processes: start their fork server now, so that it
+    imports torch while this process does (bench/executors/workers.py)."""
+    if args.command != "run" or args.executor != "local":
+        return
+    from bench.executors.workers import prestart, resolve_jobs
+
+    with contextlib.suppress(CertbenchError):  # a bad CERTBENCH_JOBS is reported later
+        if resolve_jobs(args.jobs) > 1:
+            prestart()
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"certbench: warning: {message}\n"
 
@@ -606,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with deferred():  # no interrupt inside an import (bench/interrupts.py)
             tune_malloc()  # the command owns its process (bench/allocator.py)
             args = build_parser().parse_args(argv)
+            _prestart_workers(args)
             if args.command in _TORCH_COMMANDS:
                 import torch  # noqa: F401
 

@@ -23,6 +23,10 @@ class CheckpointError(CertbenchError):
     """A checkpoint cannot be read safely or does not match the architecture."""
 
 
+class StoreError(CertbenchError):
+    """The results store cannot be read or written (disk full, read-only, I/O error)."""
+
+
 class NumericalError(CertbenchError):
     """Training or evaluation produced NaN/inf; the cell is stopped instead of publishing it."""
 

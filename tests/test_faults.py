@@ -405,7 +405,9 @@ def test_sigterm_during_run_then_resume(
     outcomes = []
     for choices in stages:
         stage = rng.choice(choices)
-        with _proc(_hooked_args(tmp_path, "run", spec_file, "--store", store, "--quiet")) as p:
+        # --jobs 1: the hooks pause this process, so the cells must run in it
+        args = _hooked_args(tmp_path, "run", spec_file, "--store", store, "--quiet", "--jobs", "1")
+        with _proc(args) as p:
             if p.wait_for(stage, required=False):
                 time.sleep(rng.uniform(0.0, 0.5))
                 p.signal(signal.SIGTERM)
@@ -436,7 +438,7 @@ def test_kill_between_tensors_and_record_in_run_is_retrained(
     """SIGKILL after the first cell's tensors are written, before its JSON record: the
     resumed run must retrain that cell (not load the half checkpoint) and match."""
     store = tmp_path / "s.sqlite"
-    args = _hooked_args(tmp_path, "run", spec_file, "--store", store, "--quiet")
+    args = _hooked_args(tmp_path, "run", spec_file, "--store", store, "--quiet", "--jobs", "1")
     with _proc(args, CERTBENCH_TEST_PAUSE="written:defense.safetensors#1") as p:
         p.wait_for("written:defense.safetensors#1")
         p.signal(signal.SIGKILL)
@@ -764,8 +766,8 @@ def test_nan_loss_in_run_stores_nothing_and_does_not_block_the_next_run(tmp_path
         loss = original(self, x, y, progress)
         return loss * float("nan") if progress.step == 2 else loss
 
-    with mock.patch.object(Undefended, "training_loss", nan_at_third_step):
-        rc, _, err = _run_main("run", spec, "--store", store, "--quiet")
+    with mock.patch.object(Undefended, "training_loss", nan_at_third_step):  # this process
+        rc, _, err = _run_main("run", spec, "--store", store, "--quiet", "--jobs", "1")
     assert rc == 2 and calls == [0, 1, 2]
     assert "training loss became nan at epoch 1, step 3" in _one_line(err)
     _nothing_stored(store)
