@@ -182,8 +182,10 @@ class _Heartbeat:
 
 
 def _log_cell(spec_name: str, cell, result: dict[str, Any]) -> None:
+    from tqdm.auto import tqdm
+
     acc = result["metrics"].get("accuracy")
-    print(
+    tqdm.write(  # above the progress bars, which are redrawn below it
         f"[{spec_name}] stored {cell.label or cell.defense} {cell.model} {cell.norm} "
         f"seed={cell.seed}: accuracy {acc:.4f} ({result['train_seconds']:.1f} s train, "
         f"{result['eval_seconds']:.1f} s eval)",

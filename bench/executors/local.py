@@ -28,6 +28,7 @@ workers (a checkpoint being written is cleaned up) and raise ``KeyboardInterrupt
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,10 +83,13 @@ class _Progress:
     """A bar of finished cells and one status line per worker (what it is doing)."""
 
     def __init__(self, total: int, desc: str, jobs: int, enabled: bool) -> None:
-        self.enabled = enabled
         self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled)
+        # the status lines move the cursor: on a terminal only, not in a log file
+        self.enabled = enabled and sys.stderr.isatty()
         self.lines = [
-            tqdm(total=0, position=i + 1, bar_format="{desc}", leave=False, disable=not enabled)
+            tqdm(
+                total=0, position=i + 1, bar_format="{desc}", leave=False, disable=not self.enabled
+            )
             for i in range(jobs)
         ]
 
@@ -145,11 +149,11 @@ def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
                     elif shards:
                         task = shards.popleft()
                     else:
-                        break
+                        show.working(w.index, "idle")
+                        continue
                     pool.submit(w, task)
                     show.working(w.index, task.label)
-                for w, task, outcome in pool.wait(timeout=1.0):
-                    show.working(w.index, "idle")
+                for _, task, outcome in pool.wait(timeout=1.0):
                     if isinstance(outcome, WorkerDied):
                         key = _task_key(task)
                         retries[key] = retries.get(key, 0) + 1
