@@ -221,6 +221,21 @@ def test_a_task_whose_worker_dies_twice_fails_its_cell_with_one_line(
     assert len(Store(store)) == 2
 
 
+def test_a_defense_defined_in_main_runs_in_this_process(tmp_path: Path) -> None:
+    from bench.registry import DEFENSES
+    from defenses.undefended import Undefended
+
+    cls = type("MainDefense", (Undefended,), {"name": "test-main", "__module__": "__main__"})
+    DEFENSES.add(cls)
+    try:
+        text = DIES_SPEC.split("[[defenses]]")[0] + '[[defenses]]\nname = "test-main"\n'
+        with pytest.warns(RuntimeWarning, match="defense test-main registered in __main__"):
+            got = run_spec(_spec(text, "main"), tmp_path / "s.sqlite", progress=False, jobs=2)
+        assert got["ran"] == 1
+    finally:
+        DEFENSES._entries.pop("test-main", None)
+
+
 def test_cells_sharing_a_checkpoint_train_once(tmp_path: Path) -> None:
     text = SPEC.split("[[defenses]]")[0] + '[[defenses]]\nname = "undefended"\n'
     spec = _spec(text.replace("seeds = [0]", "seeds = [0, 1]"))

@@ -29,6 +29,7 @@ workers (a checkpoint being written is cleaned up) and raise ``KeyboardInterrupt
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from bench.environment import training_threads
 from bench.executors import CellFailed
-from bench.executors.workers import JOBS_ENV, default_jobs, resolve_jobs
+from bench.executors.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
 from bench.pipeline import cell_result, merge_shards, run_cell, shard_bounds
 
 __all__ = ["JOBS_ENV", "default_jobs", "resolve_jobs", "run_cells"]
@@ -62,7 +63,15 @@ def run_cells(
     result for a cell whose worker died twice)."""
     jobs = resolve_jobs(jobs)
     threads = training_threads()
-    if jobs == 1 or not cells:
+    in_main = main_components() if jobs > 1 and cells else []
+    if in_main:
+        warnings.warn(
+            f"{', '.join(in_main)} registered in __main__, where worker processes cannot "
+            "import it: running the cells in this process (--jobs 1)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if jobs == 1 or not cells or in_main:
         yield from _in_process(cells, checkpoint_root, device, progress, desc, threads)
     else:
         yield from _parallel(cells, str(checkpoint_root), device, progress, desc, jobs, threads)

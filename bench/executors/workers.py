@@ -54,6 +54,7 @@ __all__ = [
     "WorkerDied",
     "WorkerPool",
     "default_jobs",
+    "main_components",
     "prestart",
     "resolve_jobs",
 ]
@@ -281,6 +282,19 @@ def prestart() -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+def main_components() -> list[str]:
+    """Components registered from ``__main__`` (a script or notebook): a worker process
+    cannot import them."""
+    from bench.registry import REGISTRIES
+
+    return [
+        f"{reg.kind} {name}"
+        for reg in REGISTRIES.values()
+        for name in reg.names()
+        if getattr(reg.get(name), "__module__", None) in ("__main__", "__mp_main__")
+    ]
 
 
 def _extra_modules() -> list[str]:
