@@ -24,6 +24,18 @@ tests/test_store.py (a kill inside ``Store.put``):
   leaderboards identical in every column except created_at/train_seconds/eval_seconds
   (compared as text, so floats are compared exactly); results.csv is byte-identical.
 
+* **Parallel runs** (issue #20): Ctrl-C/SIGTERM of ``certbench run --jobs 2`` (status 130,
+  one line, no process left behind, no temporary file, identical resume); a worker killed
+  with SIGKILL (its task is retried, identical results); a Ray worker killed in the middle
+  of a shard (Ray retries the task, identical results); four runs started at once on one
+  store (every cell stored once, all exit 0); a file-size limit while a run stores its cells
+  (one line, no partial row, the next run completes); 2 000 tiny cells (store write time,
+  flat memory; the README's figures). Deterministic worker deaths, claims and store errors
+  are in tests/test_jobs.py.
+
+The hooked runs pass ``--jobs 1``: the hooks pause the process they are installed in, so the
+cells must run there.
+
 Subprocess tests are ``slow`` (about 1.5-3 minutes in all on 2 cores, most of it process
 start-up and imports); every subprocess has a timeout. Random kill times come from a fixed
 ``random.Random`` seed. Bugs it found have regression tests.

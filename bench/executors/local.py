@@ -9,8 +9,9 @@
    :func:`bench.pipeline.prepare_defense`), in spec order;
 2. as each training ends, its cells' test sets are cut into shards
    (:func:`bench.pipeline.shard_bounds`; at most ``4 N`` per cell) and each shard becomes an
-   evaluation task. Training tasks go first, so the run ends on small shards and every worker
-   stays busy even when one cell dominates.
+   evaluation task. Training tasks go first, then each cell's first shard (it also runs the
+   attacks, on the first examples), then the other shards, so the run ends on short tasks
+   and every worker stays busy even when one cell dominates.
 
 The parent merges a cell's shards (:func:`~bench.pipeline.merge_shards`), scores it
 (:func:`~bench.pipeline.cell_result`) and yields it; the driver stores it. Results are
@@ -187,9 +188,13 @@ def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
                                 "parts": {},
                                 "n_parts": len(bounds),
                             }
-                            shards.extend(
+                            tasks = [
                                 ShardTask(cell, checkpoint_root, device, a, b) for a, b in bounds
-                            )
+                            ]
+                            # the first shard also runs the attacks (the first `limit` examples):
+                            # the longest task of a cell goes first, so the run ends on short ones
+                            shards.appendleft(tasks[0])
+                            shards.extend(tasks[1:])
                         continue
                     st = state.get(task.cell.cell_id())
                     if st is None:  # the cell failed meanwhile
