@@ -837,6 +837,14 @@ def _workers(pid: int) -> list[int]:
     return [w for s in server for w in _descendants(s)]
 
 
+def _wait_for_workers(p: _Proc) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not _workers(p.popen.pid):
+        assert p.popen.poll() is None, p.stderr()
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_with_workers_stops_them_and_the_run_resumes(
@@ -847,10 +855,7 @@ def test_interrupt_with_workers_stops_them_and_the_run_resumes(
     store = tmp_path / "s.sqlite"
     rng = random.Random(int(sig))
     with _proc(_cli_args("run", spec_file, "--store", store, "--quiet", "--jobs", "2")) as p:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not _workers(p.popen.pid) and time.monotonic() < deadline:
-            assert p.popen.poll() is None, p.stderr()
-            time.sleep(0.05)
+        _wait_for_workers(p)
         time.sleep(rng.uniform(0.5, 3.0))
         family = _descendants(p.popen.pid)
         p.signal(sig)
@@ -881,10 +886,7 @@ def test_sigkill_of_a_worker_retries_its_task(
     store = tmp_path / "s.sqlite"
     rng = random.Random(20)
     with _proc(_cli_args("run", spec_file, "--store", store, "--quiet", "--jobs", "2")) as p:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not _workers(p.popen.pid) and time.monotonic() < deadline:
-            assert p.popen.poll() is None, p.stderr()
-            time.sleep(0.05)
+        _wait_for_workers(p)
         time.sleep(rng.uniform(0.5, 2.0))
         victim = rng.choice(_workers(p.popen.pid))
         os.kill(victim, signal.SIGKILL)

@@ -33,6 +33,7 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,104 +117,122 @@ class _Progress:
         self.bar.close()
 
 
-def _task_key(task: Any) -> tuple:
-    if hasattr(task, "cells"):
-        return ("train", *(c.cell_id() for c in task.cells))
-    return ("shard", task.cell.cell_id(), task.start)
+@dataclass
+class _Cell:
+    """A cell between its training and its record: the shards evaluated so far."""
+
+    facts: Any
+    train_seconds: float
+    n_parts: int
+    parts: dict[int, Any] = field(default_factory=dict)  # shard start -> ShardResult
+    eval_seconds: float = 0.0
+
+
+class _Schedule:
+    """What the workers do next: trainings first, then shards (module docstring); and what
+    becomes of a finished or lost task."""
+
+    def __init__(self, cells: list, checkpoint_root: str, device: str | None, jobs: int) -> None:
+        from bench.executors.workers import TrainTask
+
+        self.checkpoint_root, self.device, self.jobs = checkpoint_root, device, jobs
+        groups: dict[str, list] = {}
+        for cell in cells:
+            groups.setdefault(cell.train_key(), []).append(cell)
+        self.trains = deque(TrainTask(tuple(g), checkpoint_root, device) for g in groups.values())
+        self.shards: deque = deque()
+        self.cells: dict[str, _Cell] = {}  # trained, not yet complete
+        self.failed: set[str] = set()
+        self.deaths: dict[tuple, int] = {}
+
+    def next_task(self) -> Any | None:
+        if self.trains:
+            return self.trains.popleft()
+        return self.shards.popleft() if self.shards else None
+
+    def trained(self, task: Any, result: dict[str, tuple[Any, int]], seconds: float) -> None:
+        """A training finished: queue the shards of its cells."""
+        from bench.executors.workers import ShardTask
+
+        for cell in task.cells:
+            facts, n_test = result[cell.cell_id()]
+            bounds = shard_bounds(n_test, SHARDS_PER_JOB * self.jobs)
+            self.cells[cell.cell_id()] = _Cell(facts, seconds, len(bounds))
+            tasks = [ShardTask(cell, self.checkpoint_root, self.device, a, b) for a, b in bounds]
+            # the first shard also runs the attacks (on the first `limit` examples): the
+            # longest task of a cell goes first, so that the run ends on short ones
+            self.shards.appendleft(tasks[0])
+            self.shards.extend(tasks[1:])
+
+    def evaluated(self, task: Any, result: Any, seconds: float) -> dict[str, Any] | None:
+        """A shard finished: the cell's record once all its shards are in, else ``None``."""
+        cid = task.cell.cell_id()
+        st = self.cells.get(cid)
+        if st is None:  # the cell failed meanwhile
+            return None
+        st.parts[task.start] = result
+        st.eval_seconds += seconds
+        if len(st.parts) < st.n_parts:
+            return None
+        del self.cells[cid]
+        return cell_result(
+            task.cell,
+            st.facts,
+            merge_shards([st.parts[a] for a in sorted(st.parts)]),
+            train_seconds=st.train_seconds,
+            eval_seconds=st.eval_seconds,
+        )
+
+    def died(self, task: Any, why: Exception) -> list[tuple[Any, CellFailed]]:
+        """A worker died running ``task``: queue it again, or fail its cells when it has
+        already been retried :data:`MAX_TASK_RETRIES` times."""
+        training = hasattr(task, "cells")
+        key = (
+            ("train", task.cells[0].train_key()) if training else (task.cell.cell_id(), task.start)
+        )
+        self.deaths[key] = self.deaths.get(key, 0) + 1
+        if self.deaths[key] <= MAX_TASK_RETRIES:
+            (self.trains if training else self.shards).appendleft(task)
+            return []
+        out = []
+        for cell in task.cells if training else [task.cell]:
+            if cell.cell_id() not in self.failed:
+                self.failed.add(cell.cell_id())
+                self.cells.pop(cell.cell_id(), None)
+                out.append((cell, CellFailed(cell, f"{why}, twice")))
+        keep = [t for t in self.shards if t.cell.cell_id() not in self.failed]
+        self.shards = deque(keep)
+        return out
 
 
 def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
-    from bench.executors.workers import ShardTask, TrainTask, WorkerDied, WorkerPool
+    from bench.executors.workers import WorkerDied, WorkerPool
 
-    groups: dict[str, list] = {}
-    for cell in cells:
-        groups.setdefault(cell.train_key(), []).append(cell)
-    trains = deque(TrainTask(tuple(g), checkpoint_root, device) for g in groups.values())
-    shards: deque = deque()
-    state: dict[str, dict[str, Any]] = {}  # cell_id -> facts, parts, timings
-    failed: set[str] = set()
-    retries: dict[Any, int] = {}
+    schedule = _Schedule(cells, checkpoint_root, device, jobs)
     show = _Progress(len(cells), desc, jobs, progress)
-
-    def fail(task: Any, why: str) -> list[tuple[Any, CellFailed]]:
-        victims = list(task.cells) if isinstance(task, TrainTask) else [task.cell]
-        out = []
-        for cell in victims:
-            cid = cell.cell_id()
-            if cid in failed:
-                continue
-            failed.add(cid)
-            state.pop(cid, None)
-            out.append((cell, CellFailed(cell, why)))
-        keep = [s for s in shards if s.cell.cell_id() not in failed]
-        shards.clear()
-        shards.extend(keep)
-        return out
-
     try:
         with WorkerPool(jobs, threads=threads) as pool:
-            while trains or shards or pool.busy():
+            while schedule.trains or schedule.shards or pool.busy():
                 for w in pool.idle():
-                    if trains:
-                        task = trains.popleft()
-                    elif shards:
-                        task = shards.popleft()
-                    else:
+                    task = schedule.next_task()
+                    if task is None:
                         show.working(w.index, "idle")
                         continue
                     pool.submit(w, task)
                     show.working(w.index, task.label)
                 for _, task, outcome in pool.wait(timeout=1.0):
                     if isinstance(outcome, WorkerDied):
-                        key = _task_key(task)
-                        retries[key] = retries.get(key, 0) + 1
-                        if retries[key] <= MAX_TASK_RETRIES:
-                            (trains if isinstance(task, TrainTask) else shards).appendleft(task)
-                            continue
-                        for cell, failure in fail(task, f"{outcome}, twice"):
+                        for cell, failure in schedule.died(task, outcome):
                             show.cell_done()
                             yield cell, failure
                         continue
                     if isinstance(outcome, BaseException):
-                        raise outcome
+                        raise outcome  # the task's own error stops the run
                     result, seconds = outcome[1]
-                    if isinstance(task, TrainTask):
-                        for cell in task.cells:
-                            facts, n_test = result[cell.cell_id()]
-                            bounds = shard_bounds(n_test, SHARDS_PER_JOB * jobs)
-                            state[cell.cell_id()] = {
-                                "facts": facts,
-                                "train_seconds": seconds,
-                                "eval_seconds": 0.0,
-                                "parts": {},
-                                "n_parts": len(bounds),
-                            }
-                            tasks = [
-                                ShardTask(cell, checkpoint_root, device, a, b) for a, b in bounds
-                            ]
-                            # the first shard also runs the attacks (the first `limit` examples):
-                            # the longest task of a cell goes first, so the run ends on short ones
-                            shards.appendleft(tasks[0])
-                            shards.extend(tasks[1:])
-                        continue
-                    st = state.get(task.cell.cell_id())
-                    if st is None:  # the cell failed meanwhile
-                        continue
-                    st["parts"][task.start] = result
-                    st["eval_seconds"] += seconds
-                    if len(st["parts"]) == st["n_parts"]:
-                        del state[task.cell.cell_id()]
-                        merged = merge_shards([st["parts"][a] for a in sorted(st["parts"])])
+                    if hasattr(task, "cells"):
+                        schedule.trained(task, result, seconds)
+                    elif (record := schedule.evaluated(task, result, seconds)) is not None:
                         show.cell_done()
-                        yield (
-                            task.cell,
-                            cell_result(
-                                task.cell,
-                                st["facts"],
-                                merged,
-                                train_seconds=st["train_seconds"],
-                                eval_seconds=st["eval_seconds"],
-                            ),
-                        )
+                        yield task.cell, record
     finally:
         show.close()
