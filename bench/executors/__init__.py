@@ -7,8 +7,9 @@ at any point resumes with the unfinished cells only. Executors live in their own
 other, and run every cell through the one pipeline (:mod:`bench.pipeline`), so a cell's
 results do not depend on which executor ran it.
 
-An executor module provides ``run_cells(cells, checkpoint_root, *, device, progress,
-**options) -> Iterator[(cell, result)]``.
+An executor module provides ``run_cells(cells, checkpoint_root, *, device, progress, desc,
+**options) -> Iterator[(cell, result)]`` and yields every cell it is given, with its result
+(:func:`bench.pipeline.cell_result`) or a :class:`CellFailed`.
 
 Several ``certbench run`` processes may share one store: each claims the cells it computes
 (:meth:`bench.store.Store.claim`, renewed by a heartbeat while it runs), waits for the cells

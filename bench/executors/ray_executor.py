@@ -11,8 +11,9 @@ Shard boundaries are multiples of :data:`bench.pipeline.ATTACK_CHUNK` and every 
 is seeded by the global example index, so the per-example results, and hence the metrics,
 are identical to the local executor's for the same trained weights. Training itself is
 deterministic for a fixed seed *and thread count*; each task pins torch to the CPUs Ray gives
-it (``num_cpus``, default 1), so run the local executor with ``CERTBENCH_NUM_THREADS`` equal
-to that number when comparing bit for bit.
+it (``num_cpus``, default 1), the number the local executor trains with unless
+``CERTBENCH_NUM_THREADS`` says otherwise (:func:`bench.environment.training_threads`), so the
+two give the same checkpoints and metrics by default (tested).
 
 Cells that share a ``train_key`` are trained by one task. A task whose worker process dies
 (killed, out of memory, a node lost) is run again by Ray, up to :data:`TASK_RETRIES` times;
