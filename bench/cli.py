@@ -618,10 +618,10 @@ def _terminate_as_interrupt() -> None:
 
 def _prestart_workers(args: argparse.Namespace) -> None:
     """``certbench run`` with worker processes: start their fork server now, so that it
-    imports torch while this process does (bench/executors/workers.py)."""
+    imports torch while this process does (bench/workers.py)."""
     if args.command != "run" or args.executor != "local":
         return
-    from bench.executors.workers import prestart, resolve_jobs
+    from bench.workers import prestart, resolve_jobs
 
     with contextlib.suppress(CertbenchError):  # a bad CERTBENCH_JOBS is reported later
         if resolve_jobs(args.jobs) > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CertbenchError(Exception):
     """Base class of every error certbench reports to a user as a single line."""
@@ -34,3 +36,18 @@ class NumericalError(CertbenchError):
 class ValidationError(ConfigError, ValueError):
     """A value failed a check of :mod:`bench.validation` (a ``ValueError`` too, so a defense's
     ``__init__`` may raise it where callers expect ``ValueError``)."""
+
+
+class CellFailed(CertbenchError):
+    """A cell an executor gave up on (e.g. its worker process died twice); an executor
+    yields it in place of the cell's result, and the run reports it at the end."""
+
+    def __init__(self, cell: Any, reason: str) -> None:
+        super().__init__(
+            f"{cell.label or cell.defense}/{cell.model}/{cell.norm} seed={cell.seed}: {reason}"
+        )
+        self.cell = cell
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.cell, self.reason))

@@ -3,7 +3,7 @@
 Not a test module: importing it registers the defense, which ``tests/test_jobs.py`` does for
 the duration of a test (and then removes it from the registry). The workers of ``certbench
 run --jobs N`` import this module because the parent has a component registered from it
-(:func:`bench.executors.workers._extra_modules`).
+(:func:`bench.workers._extra_modules`).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def test_jobs_2_gives_the_results_and_checkpoints_of_jobs_1(tmp_path: Path) -> N
 
 
 def test_jobs_option_and_environment_are_checked(tmp_path: Path, monkeypatch) -> None:
-    from bench.executors.workers import default_jobs, resolve_jobs
+    from bench.workers import default_jobs, resolve_jobs
 
     monkeypatch.delenv("CERTBENCH_JOBS", raising=False)
     assert default_jobs() == environment.usable_cores()

@@ -29,27 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.errors import CertbenchError, ConfigError
+from bench.errors import CellFailed, CertbenchError, ConfigError
+
+__all__ = ["EXECUTORS", "CellFailed", "run_spec"]
 
 EXECUTORS = {"local": "bench.executors.local", "ray": "bench.executors.ray_executor"}
 """Executor name -> module (imported only when chosen)."""
 
 WAIT_POLL_S = 1.0
 """How often a run waiting for cells that another process computes looks at the store."""
-
-
-class CellFailed(CertbenchError):
-    """A cell an executor gave up on; yielded in place of its result."""
-
-    def __init__(self, cell, reason: str) -> None:
-        super().__init__(
-            f"{cell.label or cell.defense}/{cell.model}/{cell.norm} seed={cell.seed}: {reason}"
-        )
-        self.cell = cell
-        self.reason = reason
-
-    def __reduce__(self):
-        return (type(self), (self.cell, self.reason))
 
 
 def _summary_row(cell, result: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 ``certbench run SPEC --jobs N`` (default :func:`default_jobs`: the usable cores, or
 ``CERTBENCH_JOBS``) runs the cells in ``N`` worker processes with one torch thread each
-(:mod:`bench.executors.workers`). The schedule:
+(:mod:`bench.workers`). The schedule:
 
 1. one training task per group of cells that share a ``train_key`` (a checkpoint is trained
    once; two processes never train the same one at once, see
@@ -22,7 +22,7 @@ the global example index.
 
 A worker that dies in the middle of a task (SIGKILL, out of memory) is replaced and its task
 retried once; a task whose worker dies twice fails its cell(s), which are yielded as a
-:class:`bench.executors.CellFailed` and left for a re-run. Any other error of a task stops
+:class:`bench.errors.CellFailed` and left for a re-run. Any other error of a task stops
 the run with that error (cells already yielded stay stored). Ctrl-C and SIGTERM stop the
 workers (a checkpoint being written is cleaned up) and raise ``KeyboardInterrupt``.
 """
@@ -40,9 +40,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench.environment import training_threads
-from bench.executors import CellFailed
-from bench.executors.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
+from bench.errors import CellFailed
 from bench.pipeline import cell_result, merge_shards, run_cell, shard_bounds
+from bench.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
 
 __all__ = ["JOBS_ENV", "default_jobs", "resolve_jobs", "run_cells"]
 
@@ -133,7 +133,7 @@ class _Schedule:
     becomes of a finished or lost task."""
 
     def __init__(self, cells: list, checkpoint_root: str, device: str | None, jobs: int) -> None:
-        from bench.executors.workers import TrainTask
+        from bench.workers import TrainTask
 
         self.checkpoint_root, self.device, self.jobs = checkpoint_root, device, jobs
         groups: dict[str, list] = {}
@@ -152,7 +152,7 @@ class _Schedule:
 
     def trained(self, task: Any, result: dict[str, tuple[Any, int]], seconds: float) -> None:
         """A training finished: queue the shards of its cells."""
-        from bench.executors.workers import ShardTask
+        from bench.workers import ShardTask
 
         for cell in task.cells:
             facts, n_test = result[cell.cell_id()]
@@ -206,7 +206,7 @@ class _Schedule:
 
 
 def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
-    from bench.executors.workers import WorkerDied, WorkerPool
+    from bench.workers import WorkerDied, WorkerPool
 
     schedule = _Schedule(cells, checkpoint_root, device, jobs)
     show = _Progress(len(cells), desc, jobs, progress)

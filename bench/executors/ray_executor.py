@@ -19,7 +19,7 @@ Cells that share a ``train_key`` are trained by one task. A task whose worker pr
 (killed, out of memory, a node lost) is run again by Ray, up to :data:`TASK_RETRIES` times;
 tasks are pure functions of their arguments (a retried training writes the same checkpoint
 atomically, a retried shard returns the same results), so nothing is lost or counted twice.
-A cell whose task still fails is yielded as a :class:`bench.executors.CellFailed`; an error
+A cell whose task still fails is yielded as a :class:`bench.errors.CellFailed`; an error
 raised by the task itself (e.g. a NaN loss) stops the run with that error.
 
 On a cluster the checkpoint directory (next to the store) must be on storage every node
@@ -39,8 +39,7 @@ from tqdm.auto import tqdm
 
 from bench.allocator import tune_malloc
 from bench.environment import configure_threads, resolve_device
-from bench.errors import CertbenchError, ConfigError
-from bench.executors import CellFailed
+from bench.errors import CellFailed, CertbenchError, ConfigError
 from bench.pipeline import (
     DefenseFacts,
     ShardResult,

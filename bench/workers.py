@@ -9,10 +9,12 @@ the fair share of the cores on a busy machine, where torch's intra-op threads co
 (README, "Threads and parallel jobs").
 
 Processes come from a fork server (``multiprocessing``'s ``forkserver`` start method) that
-imports torch, the pipeline and the plugins once (:mod:`bench.executors._preload`), so a
+imports torch, the pipeline and the plugins once (:mod:`bench.worker_preload`), so a
 worker starts in milliseconds; forking the parent itself would copy a process that already
 runs threads (torch's pools, tqdm's monitor), which is unsafe. :func:`prestart` launches the
-fork server early, so its imports overlap with the parent's.
+fork server early, so its imports overlap with the parent's. (This module is not in
+:mod:`bench.executors`: executors never import one another or their package, and the command
+line starts the fork server before it imports torch.)
 
 Each worker:
 
@@ -62,7 +64,7 @@ __all__ = [
 JOBS_ENV = "CERTBENCH_JOBS"
 """Environment variable giving the default number of worker processes (``--jobs``)."""
 
-_PRELOAD = "bench.executors._preload"
+_PRELOAD = "bench.worker_preload"
 _ENV_PREFIX = "CERTBENCH_"
 _STOP_GRACE_S = 10.0
 """How long stopped workers may take to clean up before they are killed."""

@@ -3,7 +3,7 @@
 Every worker then starts with torch, the pipeline and the plugins already imported (a few
 seconds each otherwise). ``torch._dynamo`` is here because the first optimiser a process
 creates imports it (about a second). Errors are left to each worker's own set-up, which
-reports them (:func:`bench.executors.workers._setup`); plugin warnings, likewise, are the
+reports them (:func:`bench.workers._setup`); plugin warnings, likewise, are the
 parent's to print.
 """
 
