@@ -168,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         **options,
     )
     _print_table(summary["rows"])
-    failed = summary.pop("failed")
+    failed = summary.pop("failed", [])
     print(
         f"{summary['ran']} cell(s) run, {summary['skipped']} already stored; "
         f"store: {store_path} ({time.perf_counter() - args._t0:.1f} s)",
