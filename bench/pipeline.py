@@ -45,6 +45,7 @@ from bench.environment import (
     provenance,
     resolve_device,
     seed_everything,
+    training_threads,
 )
 from bench.files import exclusive_lock
 from bench.metrics import MetricSet
@@ -651,8 +652,12 @@ def run_cell(
     progress: bool = False,
     num_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run one cell end to end in this process and return its record (no store write)."""
-    configure_threads(num_threads)
+    """Run one cell end to end in this process and return its record (no store write).
+
+    ``num_threads`` defaults to :func:`bench.environment.training_threads`, so the cell
+    trains as it would in any executor.
+    """
+    configure_threads(training_threads() if num_threads is None else num_threads)
     dev = resolve_device(device or cell.device)
     d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
     t0 = time.perf_counter()
