@@ -164,7 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit is not None:  # the first N test examples: other cells than the full spec's
         spec = dataclasses.replace(spec, limit_test=min(args.limit, spec.limit_test or args.limit))
     store_path = args.store or spec.store or DEFAULT_STORE
-    options = {"address": args.address} if args.executor == "ray" else {}
+    if args.executor == "ray":
+        if args.jobs is not None:
+            raise ConfigError("--jobs is for the local executor; Ray runs a task per free CPU")
+        options: dict[str, Any] = {"address": args.address}
+    else:
+        options = {"jobs": args.jobs}
     summary = run_spec(
         spec,
         store_path,
@@ -175,23 +180,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         **options,
     )
     _print_table(summary["rows"])
+    failed = summary.pop("failed", [])
     print(
         f"{summary['ran']} cell(s) run, {summary['skipped']} already stored; "
         f"store: {store_path} ({time.perf_counter() - args._t0:.1f} s)",
         file=sys.stderr,
     )
     _write_output(args.output, summary)
+    if failed:
+        raise CertbenchError(
+            f"{len(failed)} cell(s) failed: {'; '.join(str(f) for f in failed)}; "
+            "re-run to compute them"
+        )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bench.assembly import build_defense
-    from bench.environment import configure_threads, resolve_device, seed_everything
+    from bench.environment import (
+        configure_threads,
+        resolve_device,
+        seed_everything,
+        training_threads,
+    )
     from bench.metrics import accuracy
     from bench.pipeline import fit, predict_all
     from bench.training import TrainSettings
 
-    configure_threads()
+    configure_threads(training_threads())  # the checkpoint `certbench run` would train
     ds = _dataset(args)
     if args.epochs == 0:  # after the data: a bad data directory is the first thing to hear
         raise ConfigError(
@@ -562,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where cells run (ray needs the certbench[ray] extra)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="worker processes, one torch thread each (default: the usable cores, or "
+        "CERTBENCH_JOBS); 1 runs the cells one after another in this process",
+    )
     p.add_argument("--force", action="store_true", help="re-run cells that are already stored")
     p.add_argument(
         "--limit",
@@ -698,6 +721,18 @@ def _terminate_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _prestart_workers(args: argparse.Namespace) -> None:
+    """``certbench run`` with worker processes: start their fork server now, so that it
+    imports torch while this process does (bench/workers.py)."""
+    if args.command != "run" or args.executor != "local":
+        return
+    from bench.workers import prestart, resolve_jobs
+
+    with contextlib.suppress(CertbenchError):  # a bad CERTBENCH_JOBS is reported later
+        if resolve_jobs(args.jobs) > 1:
+            prestart()
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"certbench: warning: {message}\n"
 
@@ -714,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precheck = getattr(args, "precheck", None)
             if precheck is not None:
                 precheck(args)
+            _prestart_workers(args)
             if args.command in _TORCH_COMMANDS:
                 import torch  # noqa: F401
 

@@ -7,6 +7,10 @@ old file or the new one, never a partial one. A process killed with SIGKILL betw
 steps cannot delete its temporary file; the temporary's name therefore records the host and
 process id of its writer, and the next successful write to the same target removes the
 temporaries of writers on this host that are no longer running.
+
+:func:`exclusive_lock` serialises processes that would write the same files (two workers
+needing the same checkpoint): an advisory ``flock`` that the kernel releases when its holder
+dies, so a killed process never leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import contextlib
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "remove_stale_temporaries"]
+__all__ = ["atomic_write_bytes", "exclusive_lock", "remove_stale_temporaries"]
 
 _SUFFIX = ".tmp"
 
@@ -98,3 +103,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> P
             os.close(dir_fd)
     remove_stale_temporaries(path)
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) while the
+    block runs; waits while another process holds it. A no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -40,8 +40,16 @@ from tqdm.auto import tqdm
 
 from bench.assembly import build_defense, load_defense_state, load_weights, save_defense
 from bench.checkpoint import checkpoint_paths, load_tensors, read_record
-from bench.environment import configure_threads, provenance, resolve_device, seed_everything
+from bench.environment import (
+    adapt_threads,
+    configure_threads,
+    provenance,
+    resolve_device,
+    seed_everything,
+    training_threads,
+)
 from bench.errors import ConfigError
+from bench.files import exclusive_lock
 from bench.metrics import MetricSet
 from bench.training import TrainReport, TrainSettings, train
 from defenses.base import Certificate, Defense
@@ -147,23 +155,36 @@ def prepare_defense(
         return d, None
     ck = checkpoint_path(cell, checkpoint_root)
     tensors, record_path = checkpoint_paths(ck)
-    if record_path.is_file() and tensors.is_file():
+
+    def load() -> tuple[Defense, float] | None:
+        if not (record_path.is_file() and tensors.is_file()):
+            return None
         record = read_record(ck)
         load_defense_state(d, load_tensors(tensors), source=str(tensors))
         d.model_.to(device)
         return d, float(record.get("train_seconds", 0.0))
-    settings = TrainSettings.for_defense(d, dict(cell.train))
-    report = fit(
-        d,
-        ds.x_train,
-        ds.y_train,
-        settings,
-        seed=cell.seed,
-        checkpoint=ck,
-        model=cell.model,
-        dataset=cell.dataset,
-        progress=progress,
-    )
+
+    found = load()
+    if found is not None:
+        return found
+    # Two processes (workers, concurrent runs) may need the same checkpoint at once: the one
+    # holding the lock trains it, the other waits and then loads it.
+    with exclusive_lock(ck.with_suffix(".lock")):
+        found = load()
+        if found is not None:
+            return found
+        settings = TrainSettings.for_defense(d, dict(cell.train))
+        report = fit(
+            d,
+            ds.x_train,
+            ds.y_train,
+            settings,
+            seed=cell.seed,
+            checkpoint=ck,
+            model=cell.model,
+            dataset=cell.dataset,
+            progress=progress,
+        )
     return d, report.seconds
 
 
@@ -178,6 +199,21 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 def _chunk_seed(seed: int, start: int) -> int:
     h = hashlib.sha256(f"{seed}:{start}".encode()).digest()
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Split test examples ``[0, n)`` into at most ``shards`` contiguous slices whose starts
+    are multiples of :data:`ATTACK_CHUNK` (as :func:`evaluate_shard` requires); every
+    executor shards a test set with it."""
+    chunks = max(1, -(-n // ATTACK_CHUNK))
+    shards = max(1, min(shards, chunks))
+    per = -(-chunks // shards)
+    bounds = []
+    for s in range(shards):
+        a, b = s * per * ATTACK_CHUNK, min(n, (s + 1) * per * ATTACK_CHUNK)
+        if a < b:
+            bounds.append((a, b))
+    return bounds
 
 
 def predict_all(
@@ -199,6 +235,7 @@ def predict_all(
     for a, b in tqdm(
         list(_chunks(x.shape[0], batch_size)), desc="predict", disable=not progress, leave=False
     ):
+        adapt_threads()
         idx = torch.arange(offset + a, offset + b)
         with torch.no_grad():
             out.append(
@@ -235,6 +272,7 @@ def certify_all(
         leave=False,
         unit="chunk",
     ):
+        adapt_threads()
         given = {} if true_labels is None else {"labels": true_labels[a:b].to(d.device)}
         cert = d.certify(
             x[a:b].to(d.device),
@@ -301,6 +339,7 @@ def attack_all(
     certifies = norm in d.certifies
     preds, radii = [], []
     for a, b in _chunks(x.shape[0], ATTACK_CHUNK):
+        adapt_threads()
         xa, ya = x[a:b].to(d.device), y[a:b].to(d.device)
         x_adv = run_attack(
             d,
@@ -674,8 +713,12 @@ def run_cell(
     progress: bool = False,
     num_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run one cell end to end in this process and return its record (no store write)."""
-    configure_threads(num_threads)
+    """Run one cell end to end in this process and return its record (no store write).
+
+    ``num_threads`` defaults to :func:`bench.environment.training_threads`, so the cell
+    trains as it would in any executor.
+    """
+    configure_threads(training_threads() if num_threads is None else num_threads)
     dev = resolve_device(device or cell.device)
     d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
     return evaluate_cell(d, cell, train_seconds=train_seconds, progress=progress)

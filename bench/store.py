@@ -22,6 +22,16 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
 * ``spec_cells`` — which spec (and display label) a cell belongs to. A cell is identified
   without its spec name, so one stored cell may belong to several specs; :meth:`Store.put`
   and :meth:`Store.link` record membership.
+* ``claims`` — cells that a running ``certbench run`` is computing (:meth:`Store.claim`), so
+  that several runs on one store compute and store each cell once. A claim names its
+  process (host, pid, start time) and carries a heartbeat; the claim of a process that has
+  died, or whose heartbeat is older than :data:`CLAIM_LEASE_S`, may be taken over. A stored
+  cell's claim is removed in the transaction that stores it. (Created on first use; older
+  certbench versions ignore it, so the schema version stays 2.)
+
+A store that cannot be written (disk full, read-only file system, I/O error) raises
+:class:`~bench.errors.StoreError` naming the file; the failed transaction leaves nothing
+behind.
 
 Checkpoints live next to the database: ``<db_dir>/checkpoints/<train_key>/``
 (:meth:`Store.checkpoint_dir`).
@@ -29,23 +39,30 @@ Checkpoints live next to the database: ``<db_dir>/checkpoints/<train_key>/``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
+import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.errors import ConfigError, NumericalError
+from bench.errors import ConfigError, NumericalError, StoreError
 from bench.spec import CellConfig
 
 SCHEMA_VERSION = 2
 DEFAULT_STORE = "runs/certbench.sqlite"
 BUSY_TIMEOUT_S = 60.0
+CLAIM_LEASE_S = 120.0
+"""A claim whose heartbeat is older than this is stale (its process is presumed dead)."""
 PROVENANCE_FIELDS = ("certbench_version", "torch_version", "git_commit", "created_at")
 
 _KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -95,6 +112,17 @@ CREATE TABLE IF NOT EXISTS spec_cells (
     label     TEXT,
     PRIMARY KEY (spec_name, cell_id)
 );
+"""
+
+_CLAIMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    cell_id   TEXT PRIMARY KEY,
+    owner     TEXT NOT NULL,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+)
 """
 
 _CONFIG_COLUMNS = (
@@ -194,6 +222,95 @@ def _metric_values(metrics: Any) -> dict[str, float | None]:
     return out
 
 
+_BATCH = 500
+"""Ids per ``IN (...)`` list (SQLite allows 999 parameters in older builds)."""
+
+
+def _batches(ids: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(ids), _BATCH):
+        yield ids[i : i + _BATCH]
+
+
+def _stored_among(conn: sqlite3.Connection, ids: list[str]) -> Iterator[str]:
+    for part in _batches(ids):
+        for (cid,) in conn.execute(
+            f"SELECT cell_id FROM cells WHERE cell_id IN ({', '.join('?' * len(part))})", part
+        ):
+            yield cid
+
+
+def _has_claims(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'claims'")
+    return row.fetchone() is not None
+
+
+def _corrupt(exc: BaseException | None) -> bool:
+    """Whether an SQLite error says the file is not a (sound) database."""
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text or "encrypted" in text
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot, from ``/proc``), ``""``
+    when unknown. With the pid it identifies a process: pids are reused, start times not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return "" if fields[0] == "Z" else fields[19]  # a zombie has ended
+
+
+def _process_alive(pid: int, started: str) -> bool:
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return bool(now) and (not started or now == started)
+    try:  # pragma: no cover - non-Linux
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _live(row: sqlite3.Row | tuple, now: float) -> bool:
+    """Whether a claim row ``(cell_id, owner, host, pid, started, heartbeat)`` belongs to a
+    process that may still be computing the cell."""
+    _, _, host, pid, started, heartbeat = tuple(row)
+    if now - float(heartbeat) > CLAIM_LEASE_S:
+        return False
+    if host != socket.gethostname():
+        return True
+    # an earlier run in this very process that could not release its claims is over
+    return int(pid) != os.getpid() and _process_alive(int(pid), started)
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims cells: this process (host, pid, start time) and a token unique to the run."""
+
+    host: str
+    pid: int
+    started: str
+    token: str
+
+    @classmethod
+    def current(cls) -> Claimant:
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _process_start(pid), uuid.uuid4().hex)
+
+
+@dataclass
+class ClaimRound:
+    """What :meth:`Store.claim` found: cells now claimed by the caller, cells already stored,
+    and cells another live process is computing."""
+
+    mine: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+
+
 class Store:
     """Results of finished cells in one SQLite file; safe for several processes at once.
 
@@ -220,11 +337,27 @@ class Store:
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open results store: {exc}") from exc
         with closing(conn):
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = FULL")
-            yield conn
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA synchronous = FULL")
+                yield conn
+            except sqlite3.OperationalError as exc:
+                # disk full, read-only file or file system, I/O error, a lock held too long
+                raise StoreError(f"{self.path}: cannot use the results store: {exc}") from exc
+
+    @contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Keep a connection open while the block runs (e.g. a run storing many cells).
+
+        SQLite copies the write-ahead log into the database file, with its fsyncs, whenever
+        the last connection to a database closes; per-operation connections would pay that
+        on every write. An idle connection held here makes the others not the last one.
+        """
+        with self._connect() as conn:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL
+            yield
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -233,10 +366,12 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _init_schema(self) -> None:
         # Switching to WAL needs a moment of exclusive access; when another process is
@@ -271,12 +406,15 @@ class Store:
                             raise
                         conn.execute("COMMIT")
                 return
-            except sqlite3.DatabaseError as exc:
-                locked = "locked" in str(exc) or "busy" in str(exc)
+            except (sqlite3.DatabaseError, StoreError) as exc:
+                cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+                locked = "locked" in str(cause) or "busy" in str(cause)
                 if locked and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                raise ConfigError(f"{self.path}: not a usable certbench store: {exc}") from exc
+                if isinstance(exc, StoreError) and not _corrupt(cause):
+                    raise
+                raise ConfigError(f"{self.path}: not a usable certbench store: {cause}") from exc
 
     # ------------------------------------------------------------------ writing
     def put(
@@ -348,6 +486,8 @@ class Store:
                 conn.execute("DELETE FROM metrics WHERE cell_id = ?", (cid,))
                 conn.execute("DELETE FROM cells WHERE cell_id = ?", (cid,))
             conn.execute(f"INSERT INTO cells ({columns}) VALUES ({marks})", row)
+            if _has_claims(conn):  # a stored cell needs no claim
+                conn.execute("DELETE FROM claims WHERE cell_id = ?", (cid,))
             conn.executemany(
                 "INSERT INTO metrics (cell_id, metric, value, count, total) VALUES (?, ?, ?, ?, ?)",
                 [
@@ -374,7 +514,85 @@ class Store:
         with self._write() as conn:
             self._link(conn, cfg)
 
+    def link_many(self, cells: Iterable[CellConfig | Mapping[str, Any]]) -> None:
+        """:meth:`link` for many cells, in one transaction."""
+        cfgs = [_as_cell(c) for c in cells]
+        if not cfgs:
+            return
+        with self._write() as conn:
+            for cfg in cfgs:
+                self._link(conn, cfg)
+
+    # ------------------------------------------------------------------ claims
+    def claim(
+        self, cell_ids: Iterable[str], claimant: Claimant, *, redo: Collection[str] = ()
+    ) -> ClaimRound:
+        """Claim, in one write transaction, every cell of ``cell_ids`` that is not stored
+        (or is in ``redo``: a forced re-run) and not claimed by another live process.
+
+        A claim of a dead process, or one whose heartbeat is older than
+        :data:`CLAIM_LEASE_S`, is taken over. Returns which cells are now ``mine``, which
+        are ``stored`` and which are ``elsewhere`` (claimed by a live process).
+        """
+        ids = list(dict.fromkeys(cell_ids))
+        out = ClaimRound()
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(_CLAIMS_SCHEMA)
+            stored = set(_stored_among(conn, ids))
+            held = {
+                r[0]: r
+                for part in _batches(ids)
+                for r in conn.execute(
+                    "SELECT cell_id, owner, host, pid, started, heartbeat FROM claims "
+                    f"WHERE cell_id IN ({', '.join('?' * len(part))})",
+                    part,
+                )
+            }
+            for cid in ids:
+                if cid in stored and cid not in redo:
+                    out.stored.append(cid)
+                    continue
+                other = held.get(cid)
+                if other is not None and other[1] != claimant.token and _live(other, now):
+                    out.elsewhere.append(cid)
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO claims (cell_id, owner, host, pid, started, "
+                    "heartbeat) VALUES (?, ?, ?, ?, ?, ?)",
+                    (cid, claimant.token, claimant.host, claimant.pid, claimant.started, now),
+                )
+                out.mine.append(cid)
+        return out
+
+    def release(self, cell_ids: Iterable[str], claimant: Claimant) -> None:
+        """Drop ``claimant``'s claims on ``cell_ids`` (cells it gives up)."""
+        ids = list(cell_ids)
+        if not ids:
+            return
+        with self._write() as conn:
+            if _has_claims(conn):
+                for part in _batches(ids):
+                    conn.execute(
+                        f"DELETE FROM claims WHERE owner = ? AND cell_id IN "
+                        f"({', '.join('?' * len(part))})",
+                        (claimant.token, *part),
+                    )
+
+    def heartbeat(self, claimant: Claimant) -> None:
+        """Renew the lease of every claim ``claimant`` holds."""
+        with self._write() as conn:
+            if _has_claims(conn):
+                conn.execute(
+                    "UPDATE claims SET heartbeat = ? WHERE owner = ?", (time.time(), claimant.token)
+                )
+
     # ------------------------------------------------------------------ reading
+    def stored_ids(self, cell_ids: Iterable[str]) -> set[str]:
+        """The cells of ``cell_ids`` that have a stored result (one query per 500 ids)."""
+        with self._connect() as conn:
+            return set(_stored_among(conn, list(cell_ids)))
+
     def has(self, cell_id: str) -> bool:
         """Whether a result for ``cell_id`` is stored."""
         with self._connect() as conn:
@@ -438,14 +656,21 @@ class Store:
             metrics: dict[str, dict[str, float | None]] = {i: {} for i in ids}
             counts: dict[str, dict[str, tuple[int, int]]] = {i: {} for i in ids}
             specs: dict[str, dict[str, str | None]] = {i: {} for i in ids}
+            # a few cells (get()): look them up; many: one pass over each table
+            few = len(ids) <= _BATCH
+            where = f" WHERE cell_id IN ({', '.join('?' * len(ids))})" if few else ""
+            args_ids = tuple(ids) if few else ()
             for r in conn.execute(
-                "SELECT cell_id, metric, value, count, total FROM metrics ORDER BY rowid"
+                f"SELECT cell_id, metric, value, count, total FROM metrics{where} ORDER BY rowid",
+                args_ids,
             ):
                 if r[0] in metrics:
                     metrics[r[0]][r[1]] = r[2]
                     if r[3] is not None and r[4] is not None:
                         counts[r[0]][r[1]] = (int(r[3]), int(r[4]))
-            for r in conn.execute("SELECT spec_name, cell_id, label FROM spec_cells"):
+            for r in conn.execute(
+                f"SELECT spec_name, cell_id, label FROM spec_cells{where}", args_ids
+            ):
                 if r[1] in specs:
                     specs[r[1]][r[0]] = r[2]
         out = []

@@ -11,8 +11,16 @@ Shard boundaries are multiples of :data:`bench.pipeline.ATTACK_CHUNK` and every 
 is seeded by the global example index, so the per-example results, and hence the metrics,
 are identical to the local executor's for the same trained weights. Training itself is
 deterministic for a fixed seed *and thread count*; each task pins torch to the CPUs Ray gives
-it (``num_cpus``, default 1), so run the local executor with ``CERTBENCH_NUM_THREADS`` equal
-to that number when comparing bit for bit.
+it (``num_cpus``, default 1), the number the local executor trains with unless
+``CERTBENCH_NUM_THREADS`` says otherwise (:func:`bench.environment.training_threads`), so the
+two give the same checkpoints and metrics by default (tested).
+
+Cells that share a ``train_key`` are trained by one task. A task whose worker process dies
+(killed, out of memory, a node lost) is run again by Ray, up to :data:`TASK_RETRIES` times;
+tasks are pure functions of their arguments (a retried training writes the same checkpoint
+atomically, a retried shard returns the same results), so nothing is lost or counted twice.
+A cell whose task still fails is yielded as a :class:`bench.errors.CellFailed`; an error
+raised by the task itself (e.g. a NaN loss) stops the run with that error.
 
 On a cluster the checkpoint directory (next to the store) must be on storage every node
 sees; tasks ask for ``num_gpus=1`` when the device is CUDA.
@@ -31,9 +39,8 @@ from tqdm.auto import tqdm
 
 from bench.allocator import tune_malloc
 from bench.environment import configure_threads, resolve_device
-from bench.errors import ConfigError
+from bench.errors import CellFailed, CertbenchError, ConfigError
 from bench.pipeline import (
-    ATTACK_CHUNK,
     DefenseFacts,
     ShardResult,
     cell_result,
@@ -41,20 +48,12 @@ from bench.pipeline import (
     evaluate_shard,
     merge_shards,
     prepare_defense,
+    shard_bounds,
 )
 
-
-def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
-    """Split ``[0, n)`` into at most ``shards`` slices starting at multiples of ATTACK_CHUNK."""
-    chunks = max(1, -(-n // ATTACK_CHUNK))
-    shards = max(1, min(shards, chunks))
-    per = -(-chunks // shards)
-    bounds = []
-    for s in range(shards):
-        a, b = s * per * ATTACK_CHUNK, min(n, (s + 1) * per * ATTACK_CHUNK)
-        if a < b:
-            bounds.append((a, b))
-    return bounds
+TASK_RETRIES = 3
+"""Times Ray re-runs a task whose worker died (``max_retries``; errors raised by the task
+itself are not retried)."""
 
 
 def _worker(cell, ckroot: str, device: str | None, threads: int):
@@ -66,10 +65,11 @@ def _worker(cell, ckroot: str, device: str | None, threads: int):
 
 
 def _train_task(
-    cell, ckroot: str, device: str | None, threads: int
-) -> tuple[DefenseFacts, float | None]:
-    d, train_seconds = _worker(cell, ckroot, device, threads)  # None: a pretrained cell
-    return DefenseFacts.of(d, cell.norm), None if train_seconds is None else float(train_seconds)
+    cells: list, ckroot: str, device: str | None, threads: int
+) -> tuple[dict[str, DefenseFacts], float | None]:
+    d, train_seconds = _worker(cells[0], ckroot, device, threads)  # None: a pretrained cell
+    facts = {c.cell_id(): DefenseFacts.of(d, c.norm) for c in cells}
+    return facts, None if train_seconds is None else float(train_seconds)
 
 
 def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int) -> ShardResult:
@@ -105,30 +105,47 @@ def run_cells(
         if (dev or "").startswith("cuda") or (dev in (None, "auto") and torch.cuda.is_available())
         else 0
     )
-    opts = {"num_cpus": num_cpus_per_task, "num_gpus": gpus}
+    opts = {
+        "num_cpus": num_cpus_per_task,
+        "num_gpus": gpus,
+        "max_retries": TASK_RETRIES,
+        "retry_exceptions": False,
+    }
     train_remote = ray.remote(_train_task).options(**opts)
     shard_remote = ray.remote(_shard_task).options(**opts)
     ckroot = str(checkpoint_root)
     if shards is None:
         shards = max(1, int(ray.available_resources().get("CPU", 1)) // num_cpus_per_task)
 
-    # Train every cell first (independent tasks), then evaluate the shards of each.
-    train_refs = [train_remote.remote(c, ckroot, dev, num_cpus_per_task) for c in cells]
+    # Train every group of cells first (independent tasks), then evaluate the shards of each.
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(c.train_key(), []).append(c)
+    train_refs = {
+        key: train_remote.remote(group, ckroot, dev, num_cpus_per_task)
+        for key, group in groups.items()
+    }
     bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
     try:
-        for cell, tref in zip(cells, train_refs, strict=True):
-            facts, train_seconds = ray.get(tref)
-            n_test = int(dataset_for(cell).y_test.numel())
-            t0 = time.perf_counter()
-            parts = ray.get(
-                [
-                    shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b)
-                    for a, b in _shard_bounds(n_test, shards)
-                ]
-            )
+        for cell in cells:
+            try:
+                all_facts, train_seconds = _get(ray, train_refs[cell.train_key()])
+                n_test = int(dataset_for(cell).y_test.numel())
+                t0 = time.perf_counter()
+                parts = _get(
+                    ray,
+                    [
+                        shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b)
+                        for a, b in shard_bounds(n_test, shards)
+                    ],
+                )
+            except _TaskLost as lost:
+                bar.update(1)
+                yield cell, CellFailed(cell, str(lost))
+                continue
             result = cell_result(
                 cell,
-                facts,
+                all_facts[cell.cell_id()],
                 merge_shards(parts),
                 train_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - t0,
@@ -138,3 +155,22 @@ def run_cells(
             yield cell, result
     finally:
         bar.close()
+
+
+class _TaskLost(Exception):
+    """A task Ray could not complete (its worker died more than TASK_RETRIES times)."""
+
+
+def _get(ray: Any, refs: Any) -> Any:
+    """``ray.get`` with a task's own error re-raised as itself, and a lost task as
+    :class:`_TaskLost`."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CertbenchError):
+            raise cause from None
+        raise
+    except ray.exceptions.RayError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _TaskLost(f"Ray task failed after {TASK_RETRIES} retries: {first}") from exc
