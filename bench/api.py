@@ -212,7 +212,7 @@ def evaluate(
     from torch import nn
 
     from bench.assembly import build_defense
-    from bench.environment import resolve_device, seed_everything
+    from bench.environment import configure_threads, resolve_device, seed_everything
     from bench.leaderboard import publish
     from bench.pipeline import dataset_for, evaluate_cell
     from bench.spec import Known, parse_spec
@@ -244,6 +244,7 @@ def evaluate(
     sha = weights_sha256(model)
     cells = [dataclasses.replace(c, weights_sha256=sha) for c in spec.cells()]
     dev = resolve_device(device)
+    configure_threads()  # the thread policy of in-process work: threads = cores free now
     _check_output(model, dataset_for(cells[0]), dev)  # every cell reads the same test split
     with tempfile.TemporaryDirectory(prefix="certbench-evaluate-") as tmp:
         store = Store(Path(tmp) / "evaluate.sqlite")

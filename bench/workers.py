@@ -125,7 +125,7 @@ class TrainTask:
             c.cell_id(): (DefenseFacts.of(d, c.norm), int(dataset_for(c).y_test.numel()))
             for c in self.cells
         }
-        return facts, float(seconds)
+        return facts, None if seconds is None else float(seconds)  # None: pretrained
 
 
 @dataclass(frozen=True)

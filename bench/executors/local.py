@@ -122,7 +122,7 @@ class _Cell:
     """A cell between its training and its record: the shards evaluated so far."""
 
     facts: Any
-    train_seconds: float
+    train_seconds: float | None  # None: a pretrained cell
     n_parts: int
     parts: dict[int, Any] = field(default_factory=dict)  # shard start -> ShardResult
     eval_seconds: float = 0.0
