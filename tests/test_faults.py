@@ -540,7 +540,17 @@ def test_kill_while_overwriting_a_checkpoint_leaves_no_stale_pair(tmp_path: Path
 def test_kill_during_certify_writes_no_output(tmp_path: Path) -> None:
     ck = tmp_path / "rs"
     rc, _, err = _run_main(
-        *_train_args(ck, "--defense", "randomized-smoothing", "--epochs", "0", "--limit", "5"),
+        *_train_args(
+            ck,
+            "--defense",
+            "randomized-smoothing",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "64",
+            "--limit",
+            "5",
+        ),
         "--param",
         "n=1000",
     )
