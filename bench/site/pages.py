@@ -233,7 +233,11 @@ def _settings(cell: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, str]]]
         ("test examples", cfg.get("limit_test") or "all"),
         ("device", cfg.get("device")),
     ]
-    attack = dict(cfg.get("attack") or {})
+    raw_attack = cfg.get("attack") or {}
+    if isinstance(raw_attack, list):  # an ensemble: one entry per attack
+        attack = {f"attack {i + 1}": a for i, a in enumerate(raw_attack)}
+    else:
+        attack = dict(raw_attack)
     threat = dict(cfg.get("threat") or {})
     sections = [
         ("Data", data),
