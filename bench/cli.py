@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=DEFAULT_STORE)
     q.add_argument("--out", required=True, help="site directory, e.g. leaderboards/site/digits")
     q.add_argument("--spec-name", default=None, help="only cells of this spec")
-    q.add_argument("--rank-by", default="smallest-eps", choices=RANK_BY, help="as for publish")
+    q.add_argument("--rank-by", default="upper", choices=RANK_BY, help="as for publish")
     q.add_argument(
         "--title", default=None, help="the site's title (default: certbench leaderboards)"
     )

@@ -32,7 +32,7 @@ from bench.checkpoint import load_tensors, save_checkpoint
 from bench.models import create_model
 from bench.noise import is_randomized
 from bench.threat import NORMS
-from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
+from defenses.base import Certificate, Citation, Defense, DefenseRecord, TrainProgress
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 4
@@ -63,6 +63,12 @@ def check_capabilities(cls: type[Defense], params: dict[str, Any] | None = None)
         assert isinstance(vals, tuple), f"{attr} must be a tuple"
         unknown = set(vals) - set(NORMS)
         assert not unknown, f"{attr} has unknown norms {unknown}; allowed {NORMS}"
+    cite = getattr(cls, "citation", None)
+    if cite is not None:
+        assert isinstance(cite, Citation), (
+            "citation must be a defenses.base.Citation(title, authors, venue, year, url)"
+        )
+        assert cite.title and cite.authors and cite.year, "a citation needs title, authors, year"
 
 
 def check_params_round_trip(cls: type[Defense], params: dict[str, Any] | None = None) -> None:

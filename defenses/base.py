@@ -91,6 +91,41 @@ class Certificate:
 
 
 @dataclass(frozen=True)
+class Citation:
+    """The paper a defense comes from (shown on the leaderboard site with a BibTeX entry).
+
+    A defense class declares it as ``citation = Citation(...)``; plugins can too.
+    ``bibtex`` is generated from the fields unless given.
+    """
+
+    title: str
+    authors: tuple[str, ...]
+    venue: str
+    year: int
+    url: str = ""
+    key: str = ""
+    entry: str = ""
+
+    @property
+    def bibtex(self) -> str:
+        """An ``@inproceedings`` BibTeX entry (``entry`` itself when one was given)."""
+        if self.entry:
+            return self.entry
+        first = self.authors[0].split()[-1].lower() if self.authors else "anon"
+        key = self.key or f"{first}{self.year}"
+        fields = [
+            ("title", "{" + self.title + "}"),
+            ("author", " and ".join(self.authors)),
+            ("booktitle", self.venue),
+            ("year", str(self.year)),
+        ]
+        if self.url:
+            fields.append(("url", self.url))
+        body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields)
+        return f"@inproceedings{{{key},\n{body}\n}}"
+
+
+@dataclass(frozen=True)
 class DefenseRecord:
     """What a defense declares for the board row of its results (never guessed by the
     harness from parameter names).
@@ -139,6 +174,8 @@ class Defense:
     param_help: ClassVar[dict[str, str]] = {}
     #: Hyper-parameters that keep :func:`bench.testing.check_defense` fast (e.g. few draws).
     check_params: ClassVar[dict[str, Any]] = {}
+    #: The paper the defense comes from (:class:`Citation`), shown on the leaderboard site.
+    citation: ClassVar[Citation | None] = None
 
     model_: nn.Module
     input_shape_: tuple[int, ...]

@@ -47,7 +47,7 @@ from bench.threat import (
     random_delta,
 )
 from bench.validation import check_bool, check_choice, check_int, check_number
-from defenses.base import Defense, TrainProgress
+from defenses.base import Citation, Defense, TrainProgress
 
 __all__ = ["PGD_NORMS", "Madry", "frozen_parameters", "pgd", "reference_setting"]
 
@@ -183,6 +183,20 @@ class Madry(Defense):
     (``eps``, ``norm``, ``steps``, ``step_size``, ``random_start``); the parameters themselves
     stay as passed, so ``get_params()`` is the run record.
     """
+
+    citation = Citation(
+        title="Towards Deep Learning Models Resistant to Adversarial Attacks",
+        authors=(
+            "Aleksander Madry",
+            "Aleksandar Makelov",
+            "Ludwig Schmidt",
+            "Dimitris Tsipras",
+            "Adrian Vladu",
+        ),
+        venue="International Conference on Learning Representations (ICLR)",
+        year=2018,
+        url="https://arxiv.org/abs/1706.06083",
+    )
 
     randomized = False
     certifies = ()

@@ -92,7 +92,7 @@ from bench.sampling.engine import check_indices
 from bench.sampling.sequential import DEFAULT_SEQUENCE, engine_draw, look_schedule, run_rounds
 from bench.threat import NORMS
 from bench.validation import check_bool, check_choice, check_int, check_number
-from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
+from defenses.base import Certificate, Citation, Defense, DefenseRecord, TrainProgress
 from defenses.pixeldp_sensitivity import (
     PixelDPConfigError,
     SensitivityScale,
@@ -174,6 +174,20 @@ class PixelDP(Defense):
         max_n: the most draws per example of the sequential test (``None``: ``n_draws``).
         sequence: its confidence sequence (:data:`bench.confseq.SEQUENCES`).
     """
+
+    citation = Citation(
+        title="Certified Robustness to Adversarial Examples with Differential Privacy",
+        authors=(
+            "Mathias Lecuyer",
+            "Vaggelis Atlidakis",
+            "Roxana Geambasu",
+            "Daniel Hsu",
+            "Suman Jana",
+        ),
+        venue="IEEE Symposium on Security and Privacy (S&P)",
+        year=2019,
+        url="https://arxiv.org/abs/1802.03471",
+    )
 
     randomized: ClassVar[bool] = True
     # The construction norm (l1 or l2) directly; the other norms by conservative conversion.

@@ -43,7 +43,7 @@ from bench.sampling import (
 from bench.sampling.sequential import DEFAULT_SEQUENCE
 from bench.threat import NORMS
 from bench.validation import check_bool, check_choice, check_int, check_number
-from defenses.base import ABSTAIN, Certificate, Defense, DefenseRecord
+from defenses.base import ABSTAIN, Certificate, Citation, Defense, DefenseRecord
 
 BOUND = "cohen-gaussian"
 
@@ -74,6 +74,14 @@ class RandomizedSmoothing(Defense):
             and the draws spent certifying wrong predictions; clean coverage and robust
             precision then count only correct certificates (a wrong prediction abstains).
     """
+
+    citation = Citation(
+        title="Certified Adversarial Robustness via Randomized Smoothing",
+        authors=("Jeremy M. Cohen", "Elan Rosenfeld", "J. Zico Kolter"),
+        venue="International Conference on Machine Learning (ICML)",
+        year=2019,
+        url="https://arxiv.org/abs/1902.02918",
+    )
 
     randomized = True
     certifies = ("l2",)

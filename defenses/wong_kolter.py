@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bench.registry import register_defense
 from bench.validation import check_bool, check_choice, check_int, check_number
-from defenses.base import Certificate, Defense, DefenseRecord, TrainProgress
+from defenses.base import Certificate, Citation, Defense, DefenseRecord, TrainProgress
 from defenses.convex_relaxation import (
     BALL_NORMS,
     METHODS,
@@ -66,6 +66,15 @@ class WongKolter(Defense):
     ``nn.Flatten`` (checked by :meth:`build`); inputs ``(N, C, H, W)`` in ``[0, 1]``; radii in
     pixel units of ``norm`` (``"linf"`` or ``"l2"``).
     """
+
+    citation = Citation(
+        title="Provable Defenses against Adversarial Examples via the Convex Outer "
+        "Adversarial Polytope",
+        authors=("Eric Wong", "J. Zico Kolter"),
+        venue="International Conference on Machine Learning (ICML)",
+        year=2018,
+        url="https://arxiv.org/abs/1711.00851",
+    )
 
     randomized: ClassVar[bool] = False
     certifies: ClassVar[tuple[str, ...]] = BALL_NORMS

@@ -56,7 +56,7 @@ def build_site(
     out_dir: str | Path,
     *,
     spec_name: str | None = None,
-    rank_by: str = "smallest-eps",
+    rank_by: str = "upper",
     title: str = DEFAULT_TITLE,
     defense_class: DefenseLookup | None = None,
 ) -> Path:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.registry import register_defense
-from defenses.base import Defense
+from defenses.base import Citation, Defense
 
 
 class _Quantize(nn.Module):
@@ -33,6 +33,13 @@ class BitDepth(Defense):
     certifies = ()
     norms = ("linf", "l2")
     param_help = {"bits": "bits per pixel kept (1-8)"}
+    citation = Citation(  # plugins carry their paper too (shown on the leaderboard site)
+        title="Feature Squeezing: Detecting Adversarial Examples in Deep Neural Networks",
+        authors=("Weilin Xu", "David Evans", "Yanjun Qi"),
+        venue="Network and Distributed System Security Symposium (NDSS)",
+        year=2018,
+        url="https://arxiv.org/abs/1704.01155",
+    )
 
     def __init__(self, *, bits: int = 3) -> None:
         if not (isinstance(bits, int) and 1 <= bits <= 8):

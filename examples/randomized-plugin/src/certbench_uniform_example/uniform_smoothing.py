@@ -31,7 +31,7 @@ from bench.sampling import ESTIMATION, SELECTION, sample
 from bench.stats import lower_confidence_bound
 from bench.threat import convert_radius
 from bench.validation import check_int, check_number
-from defenses.base import ABSTAIN, Certificate, Defense, DefenseRecord
+from defenses.base import ABSTAIN, Certificate, Citation, Defense, DefenseRecord
 
 BOUND = "uniform-l1"
 
@@ -47,6 +47,21 @@ class UniformSmoothing(Defense):
         n: estimation draws per example (also the draws of ``predict``), ``>= 1``.
         alpha: failure probability of each certificate and level of predict's test.
     """
+
+    citation = Citation(
+        title="Randomized Smoothing of All Shapes and Sizes",
+        authors=(
+            "Greg Yang",
+            "Tony Duan",
+            "J. Edward Hu",
+            "Hadi Salman",
+            "Ilya Razenshteyn",
+            "Jerry Li",
+        ),
+        venue="International Conference on Machine Learning (ICML)",
+        year=2020,
+        url="https://arxiv.org/abs/2002.08118",
+    )
 
     randomized = True
     certifies = ("l1", "l2", "linf")
