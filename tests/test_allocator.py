@@ -28,10 +28,14 @@ torch.set_num_threads(1)
 x = torch.ones(12 * 2**20)
 for _ in range(10):  # the heap grows to its steady size over the first few iterations
     y = torch.relu(x); z = y * 2; del y, z
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+counts = []
+for _ in range(21):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = torch.relu(x); z = y * 2; del y, z
-print(int(applied), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+# The median iteration: a one-off event (a late heap growth, a NUMA-balancing or khugepaged
+# pass on a busy host) faults one tensor in once and must not decide the test.
+print(int(applied), sorted(counts)[len(counts) // 2])
 """
 
 
