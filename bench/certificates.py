@@ -306,6 +306,22 @@ def pixeldp_bounds_from_softmax(
     return _score_bounds(labels, p_lower, p_upper, like)
 
 
+def _dp_test_inputs(
+    p_lower: ArrayLike, p_upper: ArrayLike, epsilon: float, mechanism: str
+) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray, float]:
+    """Checked inputs of the PixelDP test: ``(like, p_lower, p_upper, epsilon)``.
+
+    ``like`` is the first tensor argument (results go back to its device) or None; the bounds
+    come back as float64 numpy arrays in [0, 1]; ``epsilon`` as a positive float.
+    """
+    check_choice(mechanism, "mechanism", MECHANISMS)
+    like = _template(p_lower, p_upper)
+    pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
+    _check_probability(pl, "p_lower")
+    _check_probability(pu, "p_upper")
+    return like, pl, pu, _check_scalar(epsilon, "epsilon")
+
+
 def pixeldp_is_robust(
     p_lower: ArrayLike,
     p_upper: ArrayLike,
@@ -332,12 +348,7 @@ def pixeldp_is_robust(
     Returns:
         Boolean numpy array, or a bool tensor on the first tensor argument's device.
     """
-    check_choice(mechanism, "mechanism", MECHANISMS)
-    like = _template(p_lower, p_upper)
-    pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
-    _check_probability(pl, "p_lower")
-    _check_probability(pu, "p_upper")
-    eps = _check_scalar(epsilon, "epsilon")
+    like, pl, pu, eps = _dp_test_inputs(p_lower, p_upper, epsilon, mechanism)
     dlt = 0.0 if mechanism == "laplace" else _check_scalar(delta, "delta", upper=1.0)
     robust = pl > np.exp(2.0 * eps) * pu + (1.0 + np.exp(eps)) * dlt
     if like is None:
@@ -465,12 +476,7 @@ def pixeldp_robust_size_from_bounds(
     Returns:
         ``(N,)`` float64 ``L_max >= 0`` in input units.
     """
-    check_choice(mechanism, "mechanism", MECHANISMS)
-    like = _template(p_lower, p_upper)
-    pl, pu = _to_numpy(p_lower, "p_lower"), _to_numpy(p_upper, "p_upper")
-    _check_probability(pl, "p_lower")
-    _check_probability(pu, "p_upper")
-    eps = _check_scalar(epsilon, "epsilon")
+    like, pl, pu, eps = _dp_test_inputs(p_lower, p_upper, epsilon, mechanism)
     big_l = _check_scalar(construction_bound, "construction_bound")
     _check_scalar(sensitivity, "sensitivity")
     pl, pu = np.broadcast_arrays(pl, pu)

@@ -2,8 +2,8 @@
 
 Workloads, each a fresh ``certbench`` process:
 
-* ``quick`` — ``certbench run configs/quick.toml`` into a fresh store (wall time of the
-  command);
+* ``quick`` — ``certbench run configs/quick.toml`` (or ``--spec``) into a fresh store (wall
+  time of the command);
 * ``wk-certify`` — ``certbench certify`` of the released Wong–Kolter Fashion-MNIST model on
   the first ``--wk-limit`` (200) test images at ℓ∞ 0.1 (the certify stage's own ``seconds``;
   wall time of the command beside it).
@@ -74,7 +74,7 @@ def _command(workload: str, variant: str, work: Path, args: argparse.Namespace) 
     cli = [sys.executable, "-m", "bench.cli"]
     if workload == "quick":
         jobs = [] if variant == "default" else ["--jobs", "1"]
-        return [*cli, "run", str(ROOT / "configs" / "quick.toml"), "--store",
+        return [*cli, "run", str(args.spec), "--store",
                 str(work / "s.sqlite"), "--quiet", *jobs]  # fmt: skip
     return [*cli, "certify", "--defense", "wong-kolter", "--model", "wk-small",
             "--checkpoint", str(args.wk_checkpoint), "--dataset", "fashion-mnist",
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="default,all-threads,one-thread")
     p.add_argument("--scenarios", default="idle,busy1,busy2")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--spec", type=Path, default=ROOT / "configs" / "quick.toml")
     p.add_argument("--wk-limit", type=int, default=200)
     p.add_argument("--wk-checkpoint", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=FASHION_DIR)
