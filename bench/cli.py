@@ -177,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         progress=not args.quiet,
+        # the spec as written decides its board's cells; a --limit run adds others beside them
+        detach_stale=args.limit is None,
         **options,
     )
     _print_table(summary["rows"])
@@ -186,6 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"store: {store_path} ({time.perf_counter() - args._t0:.1f} s)",
         file=sys.stderr,
     )
+    if summary.get("detached"):
+        print(
+            f"{summary['detached']} stored cell(s) of spec '{spec.name}' are no longer in it "
+            "(the spec was edited): they leave its boards and stay in the store",
+            file=sys.stderr,
+        )
     _write_output(args.output, summary)
     if failed:
         raise CertbenchError(

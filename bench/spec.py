@@ -59,6 +59,8 @@ in; training settings as below), so that a cell's identity is a hash of its conf
     eps = { linf = [0.1], l2 = [0.5] }  # at these budgets only (default: every budget)
     norms = ["linf", "l2"]          # the norms it runs for (default: every norm); each attack
                                     # must support its norms (checked before anything runs)
+    defenses = ["madry", "wong-kolter"]  # the defenses it runs on, by name or label (default:
+                                    # every defense); a cell's ensemble is the attacks that apply
 
     [[defenses]]
     name = "pixeldp"                # a registered defense
@@ -162,7 +164,7 @@ _TOP_FIELDS = (
 _DATA_FIELDS = ("dataset", "data_dir", "limit_train", "limit_test", "model")
 _EVAL_FIELDS = tuple(DEFAULT_EVAL)
 _THREAT_FIELDS = ("norms", "norm", "radii", "thresholds", "eps", "headline")
-_ATTACK_FIELDS = ("library", "name", "params", "limit", "eps", "norms")
+_ATTACK_FIELDS = ("library", "name", "params", "limit", "eps", "norms", "defenses")
 _DEFENSE_FIELDS = ("name", "model", "label", "params", "grid", "train", "checkpoint")
 
 
@@ -330,7 +332,9 @@ class Spec:
                                         eval=dict(self.eval),
                                         threat=json.loads(json.dumps(self.threat[norm])),
                                         attack=json.loads(
-                                            json.dumps((self.attack or {}).get(norm))
+                                            json.dumps(
+                                                _entry_attack((self.attack or {}).get(norm), entry)
+                                            )
                                         ),
                                         device=self.device,
                                         checkpoint=entry.checkpoint,
@@ -597,6 +601,8 @@ def _parse_attack(
             budgets[n] = own[n]
     _check_attack(chk, path, library, aname, aparams, anorms)
     config = {"library": library, "name": aname, "params": aparams, "limit": alimit}
+    if "defenses" in at:  # checked against the [[defenses]] entries once they are parsed
+        config["defenses"] = list(chk.string_list(at["defenses"], f"{path}.defenses"))
     return config, budgets, anorms
 
 
@@ -875,6 +881,7 @@ def parse_spec(
 
     # [attack] or [[attacks]] (an ensemble)
     attack: dict[str, Any] | None = None
+    attack_tables: list[tuple[dict[str, Any], str]] = []  # (config, path), to check later
     if "attack" in top and "attacks" in top:
         raise chk.error("fields 'attack' and 'attacks' are both set; use [attack] or [[attacks]]")
     if "attack" in top or "attacks" in top:
@@ -889,8 +896,9 @@ def parse_spec(
             _parse_attack(chk, t, p, known=known, norms=norms, eps=eps)
             for t, p in zip(tables, paths, strict=True)
         ]
+        attack_tables = [(cfg, p) for (cfg, _, _), p in zip(parsed, paths, strict=True)]
         plain = "attack" in top and all(
-            k not in top["attack"] for k in ("eps", "norms")
+            k not in top["attack"] for k in ("eps", "norms", "defenses")
         )  # one [attack] table as before: its cells keep the config (and identity) of old
         attack = {}
         for n in norms:
@@ -944,6 +952,7 @@ def parse_spec(
         )
         for i, raw in enumerate(defenses_raw)
     )
+    _check_attack_defenses(chk, attack_tables, entries)
 
     spec = Spec(
         name=name,
@@ -963,6 +972,37 @@ def parse_spec(
     )
     _check_duplicates(chk, spec)
     return spec
+
+
+def _check_attack_defenses(
+    chk: _Checker,
+    tables: list[tuple[dict[str, Any], str]],
+    entries: tuple[DefenseEntry, ...],
+) -> None:
+    """Every name in an attack's ``defenses`` must name or label a ``[[defenses]]`` entry."""
+    allowed = sorted({e.name for e in entries} | {e.label for e in entries if e.label})
+    for cfg, path in tables:
+        for j, name in enumerate(cfg.get("defenses") or []):
+            if name not in allowed:
+                raise chk.fail(
+                    f"{path}.defenses[{j}]",
+                    f"the name or label of a [[defenses]] entry ({', '.join(allowed)})",
+                    name,
+                )
+
+
+def _entry_attack(attack: Any, entry: DefenseEntry) -> Any:
+    """A norm's attack config as one entry's cells see it: the ensemble's attacks whose
+    ``defenses`` list (when given) names or labels the entry, without that list (so a cell's
+    identity depends only on the attacks it runs); ``None`` when none applies."""
+    if not isinstance(attack, list):
+        return attack
+    kept = [
+        {k: v for k, v in t.items() if k != "defenses"}
+        for t in attack
+        if t.get("defenses") is None or entry.name in t["defenses"] or entry.label in t["defenses"]
+    ]
+    return kept or None
 
 
 def _check_duplicates(chk: _Checker, spec: Spec) -> None:

@@ -514,6 +514,26 @@ class Store:
         with self._write() as conn:
             self._link(conn, cfg)
 
+    def detach_stale(self, spec_name: str, keep: Iterable[str]) -> int:
+        """Remove from spec ``spec_name`` every member cell not in ``keep`` (the cell ids of
+        the spec as it now reads), so its boards show the spec's current cells only. The
+        cells themselves stay stored (and in any other spec). Returns how many were
+        detached."""
+        keep_ids = set(keep)
+        with self._write() as conn:
+            members = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT cell_id FROM spec_cells WHERE spec_name = ?", (spec_name,)
+                )
+            ]
+            stale = [cid for cid in members if cid not in keep_ids]
+            conn.executemany(
+                "DELETE FROM spec_cells WHERE spec_name = ? AND cell_id = ?",
+                [(spec_name, cid) for cid in stale],
+            )
+        return len(stale)
+
     def link_many(self, cells: Iterable[CellConfig | Mapping[str, Any]]) -> None:
         """:meth:`link` for many cells, in one transaction."""
         cfgs = [_as_cell(c) for c in cells]

@@ -579,3 +579,45 @@ def test_a_defense_config_error_keeps_the_file_and_field(tmp_path):
     message = str(info.value)
     assert message.startswith(str(tmp_path / "spec.toml") + ": field 'defenses[0].params'")
     assert "k must be 1, got 2" in message
+
+
+BY_DEFENSE = variant(
+    '[attack]\nname = "pgd"\nparams = { steps = 20 }\n',
+    '[[attacks]]\nname = "pgd"\nparams = { steps = 20 }\n'
+    '[[attacks]]\nname = "pgd"\nparams = { steps = 40 }\neps = [0.1]\ndefenses = ["pixeldp"]\n',
+)
+
+
+def test_an_attack_may_run_on_named_defenses_only(tmp_path):
+    """``defenses`` restricts an ensemble member to the named entries; the other entries'
+    cells are exactly the cells of the spec without that member (same identity, so a board
+    that adds an attack for some defenses recomputes only theirs)."""
+    undefended, pixeldp = load(tmp_path, BY_DEFENSE).cells()
+    first = {"library": "certbench", "name": "pgd", "params": {"steps": 20}, "limit": None}
+    assert undefended.attack == [{**first, "eps": None}]
+    assert pixeldp.attack == [
+        {**first, "eps": None},
+        {**first, "params": {"steps": 40}, "eps": [0.1]},
+    ]
+    without = BY_DEFENSE.split("[[attacks]]")
+    tail = without[2].split("[[defenses]]", 1)[1]
+    alone = "[[attacks]]".join(without[:2]) + "[[defenses]]" + tail
+    plain_undefended, plain_pixeldp = load(tmp_path, alone).cells()
+    assert undefended.cell_id() == plain_undefended.cell_id()
+    assert pixeldp.cell_id() != plain_pixeldp.cell_id()
+
+
+def test_an_attack_names_defenses_by_label_and_unknown_names_are_refused(tmp_path):
+    labelled = BY_DEFENSE.replace(
+        'name = "pixeldp"\n', 'name = "pixeldp"\nlabel = "PixelDP (L = 1)"\n'
+    )
+    by_label = labelled.replace('defenses = ["pixeldp"]', 'defenses = ["PixelDP (L = 1)"]')
+    cells = load(tmp_path, by_label).cells()
+    assert [len(c.attack) for c in cells] == [1, 2]
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, labelled.replace('defenses = ["pixeldp"]', 'defenses = ["madry"]'))
+    message = str(info.value)
+    assert "field 'attacks[1].defenses[0]'" in message
+    assert "PixelDP (L = 1), pixeldp, undefended" in message and "'madry'" in message
+    with pytest.raises(ConfigError, match=r"attacks\[1\]\.defenses.*non-empty list"):
+        load(tmp_path, BY_DEFENSE.replace('defenses = ["pixeldp"]', "defenses = []"))

@@ -371,3 +371,67 @@ def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
     assert got["metrics"]["accuracy"] == 0.9 and got["counts"] == {}
     assert s2.put(make_cell(seed=1), make_result(counts={"accuracy": (180, 200)}))
     assert s2.get(make_cell(seed=1).cell_id())["counts"] == {"accuracy": (180, 200)}
+
+
+def test_detach_stale_leaves_the_spec_but_keeps_the_cell(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    old, new = make_cell(), make_cell(params={"epsilon": 2.0})
+    store.put(old, make_result())
+    store.put(new, make_result(acc=0.5))
+    store.link(make_cell(spec_name="other"))
+    assert store.detach_stale("quick", [new.cell_id()]) == 1
+    assert [r["cell_id"] for r in store.cells(spec_name="quick")] == [new.cell_id()]
+    assert [r["cell_id"] for r in store.cells(spec_name="other")] == [old.cell_id()]
+    assert len(store) == 2  # nothing is deleted
+    assert store.detach_stale("quick", [new.cell_id()]) == 0
+
+
+def test_an_edited_spec_run_again_boards_only_its_current_cells(tmp_path):
+    """Editing a spec (here: a stronger attack) and re-running it puts the new cells on its
+    board in place of the old; a --limit run (other cells beside the full ones) detaches
+    nothing."""
+    import contextlib
+    import io
+
+    from bench.cli import main
+
+    text = """
+name = "edited"
+[data]
+dataset = "digits"
+model = "mlp"
+limit_train = 200
+limit_test = 40
+[train]
+epochs = 1
+[threat]
+norms = ["linf"]
+eps = [0.05]
+[attack]
+name = "pgd"
+params = { steps = 1 }
+[[defenses]]
+name = "undefended"
+"""
+    spec, db = tmp_path / "spec.toml", tmp_path / "s.sqlite"
+
+    def run(*extra: str) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            argv = ["run", str(spec), "--store", str(db), "--jobs", "1", "--quiet", *extra]
+            assert main(argv) == 0
+        return err.getvalue()
+
+    spec.write_text(text)
+    run()
+    (first,) = Store(db).cells(spec_name="edited")
+    spec.write_text(text.replace("steps = 1", "steps = 3"))
+    assert "no longer in it" not in run("--limit", "20")
+    assert len(Store(db).cells(spec_name="edited")) == 2  # the full cell and the --limit one
+    message = run()
+    assert "2 stored cell(s) of spec 'edited' are no longer in it" in message
+    (second,) = Store(db).cells(spec_name="edited")
+    assert second["cell_id"] != first["cell_id"] and second["config"]["attack"]["params"] == {
+        "steps": 3
+    }
+    assert len(Store(db)) == 3

@@ -71,15 +71,19 @@ def run_spec(
     device: str | None = None,
     force: bool = False,
     progress: bool = True,
+    detach_stale: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Run every cell of ``spec`` not yet in the store; the driver writes each result.
 
     ``force`` re-runs and replaces stored cells (those another run computes meanwhile are
     taken as they are). ``options`` go to the executor (local: ``jobs``; Ray: ``address``,
-    ``shards``). Returns ``{"ran", "skipped", "rows", "failed"}``: cells computed here,
-    cells found stored (or computed by another run), one summary row per cell in spec order
-    (for printing), and a :class:`CellFailed` per cell the executor gave up on.
+    ``shards``). Returns ``{"ran", "skipped", "rows", "failed", "detached"}``: cells computed
+    here, cells found stored (or computed by another run), one summary row per cell in spec
+    order (for printing), a :class:`CellFailed` per cell the executor gave up on, and how many
+    cells stored under ``spec.name`` were detached from it because the spec no longer has
+    them (it was edited; with ``detach_stale``, for a spec run as written): they leave its
+    boards and stay in the store.
     """
     from bench.store import Claimant, Store
 
@@ -97,6 +101,7 @@ def run_spec(
     theirs: set[str] = set()  # cells another run claimed: stored by it, they are done
     mine: set[str] = set()  # claimed by this run, not yet stored
     with store.held_open(), _Heartbeat(store, claimant):
+        detached = store.detach_stale(spec.name, by_id) if detach_stale else 0
         try:
             while pending:
                 found = store.claim(pending, claimant, redo=redo - theirs)
@@ -145,7 +150,13 @@ def run_spec(
                 rows[got["cell_id"]] = _summary_row(by_id[got["cell_id"]], got)
     skipped = len(cells) - ran - len(failed)
     ordered = [rows[cid] for cid in by_id if cid in rows]
-    return {"ran": ran, "skipped": skipped, "rows": ordered, "failed": failed}
+    return {
+        "ran": ran,
+        "skipped": skipped,
+        "rows": ordered,
+        "failed": failed,
+        "detached": detached,
+    }
 
 
 class _Heartbeat:
