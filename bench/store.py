@@ -520,18 +520,19 @@ class Store:
         cells themselves stay stored (and in any other spec). Returns how many were
         detached."""
         keep_ids = set(keep)
+        query = "SELECT cell_id FROM spec_cells WHERE spec_name = ?"
+        with self._connect() as conn:  # a read: most runs have nothing to detach
+            stale = [r[0] for r in conn.execute(query, (spec_name,)) if r[0] not in keep_ids]
+        if not stale:
+            return 0
         with self._write() as conn:
-            members = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT cell_id FROM spec_cells WHERE spec_name = ?", (spec_name,)
+            stale = [r[0] for r in conn.execute(query, (spec_name,)) if r[0] not in keep_ids]
+            for part in _batches(stale):
+                conn.execute(
+                    f"DELETE FROM spec_cells WHERE spec_name = ? "
+                    f"AND cell_id IN ({', '.join('?' * len(part))})",
+                    (spec_name, *part),
                 )
-            ]
-            stale = [cid for cid in members if cid not in keep_ids]
-            conn.executemany(
-                "DELETE FROM spec_cells WHERE spec_name = ? AND cell_id = ?",
-                [(spec_name, cid) for cid in stale],
-            )
         return len(stale)
 
     def link_many(self, cells: Iterable[CellConfig | Mapping[str, Any]]) -> None:
