@@ -749,8 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``certbench`` console script; returns the exit status."""
     t0 = time.perf_counter()
     warnings.formatwarning = _one_line_warning
-    _terminate_as_interrupt()
     try:
+        _terminate_as_interrupt()
         with deferred():  # no interrupt inside an import (bench/interrupts.py)
             tune_malloc()  # the command owns its process (bench/allocator.py)
             args = build_parser().parse_args(argv)
