@@ -980,7 +980,7 @@ def _check_attack_defenses(
     entries: tuple[DefenseEntry, ...],
 ) -> None:
     """Every name in an attack's ``defenses`` must name or label a ``[[defenses]]`` entry."""
-    allowed = sorted({e.name for e in entries} | {e.label for e in entries if e.label})
+    allowed = sorted(set().union(*(_entry_names(e) for e in entries)))
     for cfg, path in tables:
         for j, name in enumerate(cfg.get("defenses") or []):
             if name not in allowed:
@@ -989,6 +989,11 @@ def _check_attack_defenses(
                     f"the name or label of a [[defenses]] entry ({', '.join(allowed)})",
                     name,
                 )
+
+
+def _entry_names(entry: DefenseEntry) -> set[str]:
+    """What an attack's ``defenses`` list may call ``entry`` by: its name and its label."""
+    return {entry.name} | ({entry.label} if entry.label else set())
 
 
 def _entry_attack(attack: Any, entry: DefenseEntry) -> Any:
@@ -1000,7 +1005,7 @@ def _entry_attack(attack: Any, entry: DefenseEntry) -> Any:
     kept = [
         {k: v for k, v in t.items() if k != "defenses"}
         for t in attack
-        if t.get("defenses") is None or entry.name in t["defenses"] or entry.label in t["defenses"]
+        if t.get("defenses") is None or _entry_names(entry) & set(t["defenses"])
     ]
     return kept or None
 
