@@ -17,6 +17,7 @@ import shutil
 import struct
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -981,6 +982,66 @@ def test_digits_fixed_stratified_split() -> None:
     # the same on every call
     again = load_dataset("digits", "/ignored", limit_train=10, limit_test=5)
     assert torch.equal(again.x_train, d.x_train[:10]) and torch.equal(again.y_test, d.y_test[:5])
+
+
+def test_digits_split_is_scikit_learns_without_importing_it() -> None:
+    """The images and split equal load_digits + train_test_split(stratify) exactly, and the
+    loader reads sklearn's file without importing sklearn (workers would pay 0.5 s)."""
+    import subprocess
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from bench.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE
+
+    bunch = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        bunch.images[:, None] / 16,
+        bunch.target,
+        test_size=DIGITS_TEST_SIZE,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=bunch.target,
+    )
+    d = load_dataset("digits")
+    assert np.array_equal(d.x_train.numpy(), x_tr.astype(np.float32))
+    assert np.array_equal(d.x_test.numpy(), x_te.astype(np.float32))
+    assert np.array_equal(d.y_train.numpy(), y_tr) and np.array_equal(d.y_test.numpy(), y_te)
+    # without the file, load_digits itself: the same dataset
+    with mock.patch("bench.data.digits._bundled_file", return_value=None):
+        again = load_dataset("digits")
+    assert torch.equal(again.x_test, d.x_test) and torch.equal(again.y_train, d.y_train)
+    code = (
+        "import sys; from bench.data import load_dataset; load_dataset('digits'); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_stratified_split_is_scikit_learns_on_random_labels() -> None:
+    from sklearn.model_selection import train_test_split
+
+    from bench.data.digits import stratified_split
+
+    rng = np.random.default_rng(1)
+    compared = 0
+    for _ in range(100):
+        n, k = int(rng.integers(20, 300)), int(rng.integers(2, 8))
+        y = rng.integers(0, k, size=n)
+        y[: 2 * k] = np.repeat(np.arange(k), 2)  # every class has 2 members
+        test_size, seed = float(rng.uniform(0.1, 0.5)), int(rng.integers(0, 1000))
+        try:
+            ref = train_test_split(np.arange(n), test_size=test_size, random_state=seed, stratify=y)
+        except ValueError:  # fewer test (or train) examples than classes: refused by both
+            with pytest.raises(ValueError):
+                stratified_split(y, test_size, seed)
+            continue
+        got = stratified_split(y, test_size, seed)
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]), (n, k, seed)
+        compared += 1
+    assert compared >= 80
+    with pytest.raises(ValueError, match="2 members"):
+        stratified_split(np.array([0, 0, 1]), 0.5, 0)
 
 
 def test_dataset_checks_its_own_shapes() -> None:
