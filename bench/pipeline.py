@@ -258,12 +258,16 @@ def certify_all(
     progress: bool = False,
     offset: int = 0,
     labels: Tensor | None = None,
+    norms: Sequence[str] | None = None,
 ) -> Certificate:
     """Certificates for every row of ``x`` (as :func:`predict_all`; ``radii`` and ``labels``
     as for :meth:`defenses.base.Defense.certify`; ``labels`` are passed only when given, so
-    a defense whose certify predates the keyword keeps working)."""
+    a defense whose certify predates the keyword keeps working). The result holds the radii
+    of ``norms`` (default: ``norm`` alone), each as the defense's certificate reports it."""
     true_labels = labels
-    labels, radius, bound = [], [], ""
+    keep = list(norms) if norms is not None else [norm]
+    labels, bound = [], ""
+    radius: dict[str, list[Tensor]] = {n: [] for n in keep}
     extra: dict[str, list[Tensor]] = {}
     for a, b in tqdm(
         list(_chunks(x.shape[0], batch_size)),
@@ -284,16 +288,17 @@ def certify_all(
             **given,
         )
         labels.append(cert.labels.cpu())
-        radius.append(cert.radius(norm).cpu().to(torch.float64))
+        for n in keep:
+            radius[n].append(cert.radius(n).cpu().to(torch.float64))
         bound = cert.bound
         for k, v in cert.extra.items():
             extra.setdefault(k, []).append(v.cpu())
     if not labels:
         empty = torch.empty(0, dtype=torch.float64)
-        return Certificate(torch.empty(0, dtype=torch.int64), {norm: empty}, bound=bound)
+        return Certificate(torch.empty(0, dtype=torch.int64), {n: empty for n in keep}, bound=bound)
     return Certificate(
         labels=torch.cat(labels),
-        radii={norm: torch.cat(radius)},
+        radii={n: torch.cat(r) for n, r in radius.items()},
         bound=bound,
         extra={k: torch.cat(v) for k, v in extra.items()},
     )
@@ -438,32 +443,61 @@ class ShardResult:
     draws: Tensor | None = None
 
 
+def clean_certificate(
+    d: Defense,
+    cell,
+    start: int,
+    stop: int,
+    *,
+    norms: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Certificate:
+    """The certificates of ``cell``'s clean test examples ``[start, stop)`` at its radii and
+    thresholds (holding the radii of ``norms``, default the cell's norm)."""
+    ds = dataset_for(cell)
+    x, y = ds.x_test[start:stop], ds.y_test[start:stop]
+    thresholds = cell.threat.get("thresholds", [])
+    return certify_all(
+        d,
+        x,
+        norm=cell.norm,
+        seed=cell.seed,
+        # every radius the metrics score a certificate at: the radii and the thresholds
+        radii=sorted({*cell.threat.get("radii", []), *thresholds}),
+        eval_batch_size=cell.eval.get("batch_size"),
+        progress=progress,
+        offset=start,
+        # the true labels, for the clean certification only (never for attacked inputs)
+        labels=y if takes_labels(d) else None,
+        norms=norms,
+    )
+
+
 def evaluate_shard(
-    d: Defense, cell, start: int, stop: int, *, progress: bool = False
+    d: Defense,
+    cell,
+    start: int,
+    stop: int,
+    *,
+    progress: bool = False,
+    clean: Certificate | None = None,
 ) -> ShardResult:
     """Stage 2 for test examples ``[start, stop)`` of ``cell``'s dataset.
 
     ``start`` must be a multiple of :data:`ATTACK_CHUNK` (shards then attack the same chunks
-    as a whole-set run).
+    as a whole-set run). ``clean``: the clean certificate of these examples when it is
+    already computed (:func:`evaluate_shards`; it must hold the cell's norm), else it is
+    computed here.
     """
     ds = dataset_for(cell)
     x, y = ds.x_test[start:stop], ds.y_test[start:stop]
     eval_bs = cell.eval.get("batch_size")
     thresholds = cell.threat.get("thresholds", [])
-    # every radius the metrics score a certificate at: the radii and the thresholds
-    radii = sorted({*cell.threat.get("radii", []), *thresholds})
     if cell.norm in d.certifies:
-        cert = certify_all(
-            d,
-            x,
-            norm=cell.norm,
-            seed=cell.seed,
-            radii=radii,
-            eval_batch_size=eval_bs,
-            progress=progress,
-            offset=start,
-            # the true labels, for the clean certification only (never for attacked inputs)
-            labels=y if takes_labels(d) else None,
+        cert = (
+            clean
+            if clean is not None
+            else clean_certificate(d, cell, start, stop, progress=progress)
         )
         pred, radius = cert.labels, cert.radius(cell.norm)
         draws = cert.extra.get("draws")
@@ -500,6 +534,66 @@ def evaluate_shard(
                 thresholds=thresholds,
                 on_chunk=bar.update,
             )
+    return out
+
+
+def certifies_shared(d: Defense, norm: str) -> bool:
+    """Whether ``d`` certifies ``norm`` in a certificate it shares with other norms
+    (:meth:`~defenses.base.Defense.shared_certificate_norms`)."""
+    return norm in d.certifies and norm in d.shared_certificate_norms()
+
+
+def _share_key(cell) -> tuple:
+    """What cells must have in common to share a clean certificate: the trained defense
+    (its ``train_key``: data, model, params, seed, training), the test examples and the
+    evaluation settings."""
+    return (cell.train_key(), cell.seed, cell.limit_test, repr(sorted(cell.eval.items())))
+
+
+def certificate_groups(cells: Sequence[Any], shared: Callable[[Any], bool]) -> list[tuple]:
+    """``cells`` in groups whose clean certificate is computed once (:func:`evaluate_shards`):
+    cells with :func:`_share_key` in common for which ``shared(cell)`` holds
+    (:func:`certifies_shared` of their defense), and every other cell alone; in the order of
+    each group's first cell."""
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        key = ("shared", *_share_key(c)) if shared(c) else ("alone", c.cell_id())
+        groups.setdefault(key, []).append(c)
+    return [tuple(g) for g in groups.values()]
+
+
+def shares_certificate(d: Defense, cells: Sequence[Any]) -> bool:
+    """Whether the clean certificates of ``cells`` (two or more cells) come from one
+    :meth:`~defenses.base.Defense.certify` call of ``d``: all certify their norm in ``d``'s
+    shared certificate and have the same trained defense, test examples and settings."""
+    return (
+        len(cells) >= 2
+        and all(certifies_shared(d, c.norm) for c in cells)
+        and len({_share_key(c) for c in cells}) == 1
+    )
+
+
+def evaluate_shards(
+    pairs: Sequence[tuple[Defense, Any]], start: int, stop: int, *, progress: bool = False
+) -> list[ShardResult]:
+    """:func:`evaluate_shard` of each ``(defense, cell)`` pair, in order, on examples
+    ``[start, stop)``; where the cells share their clean certificate
+    (:func:`shares_certificate`), it is computed once, by the first pair's defense, and each
+    cell reads its own norm's radius from it. The results are those of separate
+    :func:`evaluate_shard` calls: the defense declares that its certificate does not depend
+    on the norm asked for."""
+    clean = None
+    cells = [c for _, c in pairs]
+    if pairs and shares_certificate(pairs[0][0], cells):
+        d, first = pairs[0]
+        seed_everything(first.seed)
+        clean = clean_certificate(
+            d, first, start, stop, norms=sorted({c.norm for c in cells}), progress=progress
+        )
+    out = []
+    for d, c in pairs:
+        seed_everything(c.seed)  # each cell starts from the state a task of its own has
+        out.append(evaluate_shard(d, c, start, stop, progress=progress, clean=clean))
     return out
 
 
@@ -643,11 +737,13 @@ class DefenseFacts:
     alpha: float | None
     bound: str | None
     method: str | None = None
+    shared: bool = False  # the norm's certificate is shared with other norms (certifies_shared)
 
     @classmethod
     def of(cls, d: Defense, norm: str) -> DefenseFacts:
         rec = d.record()
         return cls(
+            shared=certifies_shared(d, norm),
             certifies=norm in d.certifies,
             randomized=bool(d.randomized),
             n_draws=None if rec.n_draws is None else int(rec.n_draws),

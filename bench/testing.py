@@ -21,6 +21,7 @@ seeded by ``seed`` and ``indices``): :func:`check_seeded_noise` fails one whose 
 from __future__ import annotations
 
 import functools
+import inspect
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -204,6 +205,34 @@ def check_certificates(cls: type[Defense], params: dict[str, Any] | None = None)
         )
 
 
+def check_shared_certificate(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
+    """shared_certificate_norms(): norms the defense certifies, and one certify call reports
+    the same labels and radii for all of them whatever norm and radii it is asked for."""
+    d = _make(cls, params)
+    shared = tuple(d.shared_certificate_norms())
+    assert set(shared) <= set(cls.certifies), (
+        f"shared_certificate_norms() {shared} lists norms the defense does not certify "
+        f"({cls.certifies})"
+    )
+    if len(shared) < 2:
+        return
+    x, y = _data()
+    # the true labels too, where certify takes them (the runner passes them on clean inputs)
+    given = {"labels": y} if "labels" in inspect.signature(d.certify).parameters else {}
+    first = d.certify(x, norm=shared[0], seed=5)
+    for norm in shared[1:]:
+        other = d.certify(x, norm=norm, seed=5, radii=[0.0, 0.01, 0.1], **given)
+        assert torch.equal(first.labels, other.labels), (
+            f"certify(norm={norm!r}) gives other labels than certify(norm={shared[0]!r}), "
+            "yet shared_certificate_norms() says one call serves both"
+        )
+        for n in shared:
+            assert torch.equal(first.radius(n), other.radius(n)), (
+                f"certify(norm={norm!r}) reports another {n} radius than "
+                f"certify(norm={shared[0]!r}), yet shared_certificate_norms() lists both"
+            )
+
+
 def check_record(cls: type[Defense], params: dict[str, Any] | None = None) -> None:
     """record() declares what the board row needs: draws and confidence of a randomized
     defense, the bound of a certifying one (never guessed from parameter names)."""
@@ -246,6 +275,7 @@ CHECKS: tuple[Callable[..., None], ...] = (
     check_predict_deterministic,
     check_seeded_noise,
     check_certificates,
+    check_shared_certificate,
     check_record,
     check_save_load,
 )

@@ -130,12 +130,15 @@ class TrainTask:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Evaluate test examples ``[start, stop)`` of ``cell`` from its checkpoint.
+    """Evaluate test examples ``[start, stop)`` of ``cells`` (one cell, or cells of one
+    trained defense that share their clean certificate: :func:`bench.pipeline.
+    shares_certificate`), each with its own defense loaded from the checkpoint.
 
-    Returns the :class:`~bench.pipeline.ShardResult` and the evaluation time in seconds.
+    Returns a :class:`~bench.pipeline.ShardResult` per cell (in order) and the evaluation
+    time in seconds (:func:`bench.pipeline.evaluate_shards`).
     """
 
-    cell: Any
+    cells: tuple[Any, ...]
     checkpoint_root: str
     device: str | None
     start: int
@@ -143,18 +146,17 @@ class ShardTask:
 
     @property
     def label(self) -> str:
-        c = self.cell
-        return f"eval {c.label or c.defense}/{c.model}/{c.norm} [{self.start}:{self.stop})"
+        c = self.cells[0]
+        norms = "+".join(cell.norm for cell in self.cells)
+        return f"eval {c.label or c.defense}/{c.model}/{norms} [{self.start}:{self.stop})"
 
-    def run(self) -> tuple[Any, float]:
-        from bench.environment import seed_everything
-        from bench.pipeline import evaluate_shard
+    def run(self) -> tuple[list[Any], float]:
+        from bench.pipeline import evaluate_shards
 
-        d = _defense(self.cell, self.checkpoint_root, self.device)
-        seed_everything(self.cell.seed)
+        pairs = [(_defense(c, self.checkpoint_root, self.device), c) for c in self.cells]
         t0 = time.perf_counter()
-        result = evaluate_shard(d, self.cell, self.start, self.stop)
-        return result, time.perf_counter() - t0
+        results = evaluate_shards(pairs, self.start, self.stop)
+        return results, time.perf_counter() - t0
 
 
 def _device(device: str | None, cell: Any):
@@ -164,8 +166,9 @@ def _device(device: str | None, cell: Any):
 
 
 _DEFENSES: OrderedDict[str, Any] = OrderedDict()
-_DEFENSE_CACHE_SIZE = 2
-"""Defenses kept per worker: consecutive shards of a cell load its checkpoint once."""
+_DEFENSE_CACHE_SIZE = 4
+"""Defenses kept per worker: consecutive shards of a cell (or of the cells of one task) load
+its checkpoint once."""
 
 
 def _defense(cell: Any, checkpoint_root: str, device: str | None) -> Any:

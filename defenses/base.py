@@ -344,6 +344,22 @@ class Defense:
         zeros = torch.zeros(labels.shape, dtype=torch.float64)
         return Certificate(labels=labels, radii={norm: zeros}, bound="none")
 
+    def shared_certificate_norms(self) -> tuple[str, ...]:
+        """Norms of :attr:`certifies` whose radii one :meth:`certify` call reports together.
+
+        A promise about :meth:`certify`: for the same ``x``, ``seed`` and ``indices`` it
+        returns the same labels and the same ``radii[n]`` for every ``n`` listed here,
+        whatever ``norm``, ``radii`` and ``labels`` it is given (``extra`` may differ; the
+        runner reads only ``extra["draws"]``, which must not), e.g. PixelDP with a fixed
+        number of draws, whose certificate is one size converted to each norm. Cells of
+        these norms that share a trained defense are then certified once on their clean
+        test examples, and each reads its own norm (:func:`bench.pipeline.evaluate_shards`;
+        half the draws for an ℓ2 and an ℓ∞ cell). Default ``()``: every norm is certified
+        by its own call (needed where the certificate depends on the norm or on the radii
+        asked for, e.g. a bound at a fixed ε or a sequential test of a radius grid).
+        """
+        return ()
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors to checkpoint (default: the defended network's state dict)."""

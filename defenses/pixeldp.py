@@ -537,6 +537,12 @@ class PixelDP(Defense):
             samples = self._sample(x, seed, indices, batch_size)
         return self.certificate_from_samples(samples, norm=norm)
 
+    def shared_certificate_norms(self) -> tuple[str, ...]:
+        """With a fixed ``n_draws`` :meth:`certify` reports ``L_max`` converted to every norm
+        of :attr:`certifies` from the same draws; the sequential test decides the thresholds
+        of the norm asked for, so it shares nothing."""
+        return () if self.sequential else tuple(self.certifies)
+
     @torch.no_grad()
     def certify_sequential(
         self,

@@ -45,3 +45,39 @@ def test_check_defense_catches_a_fake_randomized_defense():
 
     with pytest.raises(AssertionError, match="check_randomness"):
         check_defense(FakeNoise)
+
+
+def test_check_defense_catches_a_false_shared_certificate():
+    """A defense that says one certify call serves every norm, but whose certificate depends
+    on the norm asked for, is rejected (the runner would score a cell from another norm's
+    certificate)."""
+    import torch
+
+    from bench.testing import check_shared_certificate
+    from defenses.base import Certificate
+    from defenses.undefended import Undefended
+
+    class Claims(Undefended):
+        name = "claims-shared-test"
+        certifies = ("l2", "linf")
+
+        def certify(self, x, *, norm, seed=0, indices=None, batch_size=None, radii=None,
+                    labels=None):  # fmt: skip
+            pred = self.predict(x, seed=seed)
+            r = torch.full(pred.shape, 0.5 if norm == "l2" else 0.1, dtype=torch.float64)
+            return Certificate(labels=pred, radii={"l2": r, "linf": r / 2}, bound="test")
+
+        def shared_certificate_norms(self):
+            return ("l2", "linf")
+
+    with pytest.raises(AssertionError, match="reports another l2 radius"):
+        check_shared_certificate(Claims)
+
+    class ClaimsUncertified(Undefended):
+        name = "claims-uncertified-test"
+
+        def shared_certificate_norms(self):
+            return ("l2", "linf")
+
+    with pytest.raises(AssertionError, match="does not certify"):
+        check_shared_certificate(ClaimsUncertified)

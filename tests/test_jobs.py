@@ -372,6 +372,71 @@ def test_evaluation_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_cells_sharing_a_certificate_certify_each_shard_once(tmp_path: Path) -> None:
+    """PixelDP with fixed draws certifies l2 and linf from the same draws: evaluate_shards
+    certifies the clean examples once for both cells, with the results of separate runs;
+    sequential PixelDP and Wong-Kolter certify per norm (their certificate depends on it)."""
+    from bench.pipeline import (
+        certificate_groups,
+        certifies_shared,
+        evaluate_shard,
+        evaluate_shards,
+        prepare_defense,
+        shares_certificate,
+    )
+
+    def cells_of(name: str, params: dict[str, Any] | None = None) -> list:
+        cells = [c for c in _spec(SPEC).cells() if c.defense == name]
+        if params is not None:
+            cells = [type(c)(**{**c.__dict__, "params": {**c.params, **params}}) for c in cells]
+        return cells
+
+    cpu = torch.device("cpu")
+    pix = cells_of("pixeldp")
+    assert [c.norm for c in pix] == ["l2", "linf"]
+    pairs = [(prepare_defense(c, tmp_path, device=cpu, progress=False)[0], c) for c in pix]
+    assert all(certifies_shared(d, c.norm) for d, c in pairs)
+    assert shares_certificate(pairs[0][0], pix)
+    alone = [evaluate_shard(d, c, 100, 250) for d, c in pairs]
+    calls: list[str] = []
+    real = type(pairs[0][0]).certify
+
+    def counting(self, x, **kw):
+        calls.append(kw["norm"])
+        return real(self, x, **kw)
+
+    with mock.patch.object(type(pairs[0][0]), "certify", counting):
+        shared = evaluate_shards(pairs, 100, 250)
+        clean_calls = len(calls)
+        # the clean examples [100, 250) in chunks of 100: 2 certify calls for both cells
+        # (the attack limit is 120: the re-scoring of attacked inputs certifies per norm)
+        separate = [evaluate_shard(d, c, 100, 250) for d, c in pairs]
+    assert (len(calls) - clean_calls) - clean_calls == 2  # separately: two more clean calls
+    for a, b in zip(alone, shared, strict=True):
+        assert torch.equal(a.pred, b.pred) and torch.equal(a.radius, b.radius)
+        assert a.adv.keys() == b.adv.keys()
+        for label in a.adv:
+            for eps, (p, r) in a.adv[label].items():
+                assert torch.equal(p, b.adv[label][eps][0]) and torch.equal(r, b.adv[label][eps][1])
+    assert all(torch.equal(a.pred, s.pred) for a, s in zip(alone, separate, strict=True))
+    # grouping in the executor: the two PixelDP cells together, every other cell alone
+    cells = _spec(SPEC).cells()
+    facts = {c.cell_id(): c.defense == "pixeldp" for c in cells}
+    groups = certificate_groups(cells, lambda c: facts[c.cell_id()])
+    assert sorted(len(g) for g in groups) == [1] * 8 + [2]
+    assert [c.norm for g in groups if len(g) == 2 for c in g] == ["l2", "linf"]
+    # what does not share: a sequential test, a norm-specific bound, different test sets
+    seq = cells_of("pixeldp", {"sequential": True, "max_n": 200})
+    d_seq = prepare_defense(seq[0], tmp_path, device=cpu, progress=False)[0]
+    assert d_seq.shared_certificate_norms() == () and not shares_certificate(d_seq, seq)
+    wk = cells_of("wong-kolter")
+    d_wk = prepare_defense(wk[0], tmp_path, device=cpu, progress=False)[0]
+    assert not shares_certificate(d_wk, wk)
+    other = type(pix[1])(**{**pix[1].__dict__, "limit_test": 100})
+    assert not shares_certificate(pairs[0][0], [pix[0], other])
+    assert not shares_certificate(pairs[0][0], pix[:1])
+
+
 # --------------------------------------------------------------------------- claims
 
 

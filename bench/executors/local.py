@@ -11,7 +11,11 @@
    (:func:`bench.pipeline.shard_bounds`; at most ``4 N`` per cell) and each shard becomes an
    evaluation task. Training tasks go first, then each cell's first shard (it also runs the
    attacks, on the first examples), then the other shards, so the run ends on short tasks
-   and every worker stays busy even when one cell dominates.
+   and every worker stays busy even when one cell dominates. Cells of one trained defense
+   whose clean certificate does not depend on the norm (PixelDP with a fixed number of
+   draws certifies ℓ1, ℓ2 and ℓ∞ from the same draws) share their shard tasks: each shard's
+   clean examples are certified once for all of them
+   (:func:`bench.pipeline.evaluate_shards`), with the same results.
 
 The parent merges a cell's shards (:func:`~bench.pipeline.merge_shards`), scores it
 (:func:`~bench.pipeline.cell_result`) and yields it; the driver stores it. Results are
@@ -41,7 +45,7 @@ from tqdm.auto import tqdm
 
 from bench.environment import training_threads
 from bench.errors import CellFailed
-from bench.pipeline import cell_result, merge_shards, run_cell, shard_bounds
+from bench.pipeline import cell_result, certificate_groups, merge_shards, run_cell, shard_bounds
 from bench.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
 
 __all__ = ["JOBS_ENV", "default_jobs", "resolve_jobs", "run_cells"]
@@ -151,56 +155,66 @@ class _Schedule:
         return self.shards.popleft() if self.shards else None
 
     def trained(self, task: Any, result: dict[str, tuple[Any, int]], seconds: float) -> None:
-        """A training finished: queue the shards of its cells."""
+        """A training finished: queue the shards of its cells (cells that share their clean
+        certificate, :func:`~bench.pipeline.certificate_groups`, in the same tasks)."""
         from bench.workers import ShardTask
 
-        for cell in task.cells:
-            facts, n_test = result[cell.cell_id()]
+        groups = certificate_groups(task.cells, lambda c: result[c.cell_id()][0].shared)
+        for group in groups:
+            n_test = result[group[0].cell_id()][1]
             bounds = shard_bounds(n_test, SHARDS_PER_JOB * self.jobs)
-            self.cells[cell.cell_id()] = _Cell(facts, seconds, len(bounds))
-            tasks = [ShardTask(cell, self.checkpoint_root, self.device, a, b) for a, b in bounds]
+            for cell in group:
+                self.cells[cell.cell_id()] = _Cell(result[cell.cell_id()][0], seconds, len(bounds))
+            tasks = [ShardTask(group, self.checkpoint_root, self.device, a, b) for a, b in bounds]
             # the first shard also runs the attacks (on the first `limit` examples): the
             # longest task of a cell goes first, so that the run ends on short ones
             self.shards.appendleft(tasks[0])
             self.shards.extend(tasks[1:])
 
-    def evaluated(self, task: Any, result: Any, seconds: float) -> dict[str, Any] | None:
-        """A shard finished: the cell's record once all its shards are in, else ``None``."""
-        cid = task.cell.cell_id()
-        st = self.cells.get(cid)
-        if st is None:  # the cell failed meanwhile
-            return None
-        st.parts[task.start] = result
-        st.eval_seconds += seconds
-        if len(st.parts) < st.n_parts:
-            return None
-        del self.cells[cid]
-        return cell_result(
-            task.cell,
-            st.facts,
-            merge_shards([st.parts[a] for a in sorted(st.parts)]),
-            train_seconds=st.train_seconds,
-            eval_seconds=st.eval_seconds,
-        )
+    def evaluated(self, task: Any, results: list, seconds: float) -> list[tuple[Any, dict]]:
+        """A shard task finished: ``(cell, record)`` of each of its cells that is now
+        complete (its time split evenly between its cells)."""
+        done = []
+        for cell, result in zip(task.cells, results, strict=True):
+            cid = cell.cell_id()
+            st = self.cells.get(cid)
+            if st is None:  # the cell failed meanwhile
+                continue
+            st.parts[task.start] = result
+            st.eval_seconds += seconds / len(task.cells)
+            if len(st.parts) < st.n_parts:
+                continue
+            del self.cells[cid]
+            record = cell_result(
+                cell,
+                st.facts,
+                merge_shards([st.parts[a] for a in sorted(st.parts)]),
+                train_seconds=st.train_seconds,
+                eval_seconds=st.eval_seconds,
+            )
+            done.append((cell, record))
+        return done
 
     def died(self, task: Any, why: Exception) -> list[tuple[Any, CellFailed]]:
         """A worker died running ``task``: queue it again, or fail its cells when it has
         already been retried :data:`MAX_TASK_RETRIES` times."""
-        training = hasattr(task, "cells")
+        training = not hasattr(task, "start")
         key = (
-            ("train", task.cells[0].train_key()) if training else (task.cell.cell_id(), task.start)
+            ("train", task.cells[0].train_key())
+            if training
+            else (tuple(c.cell_id() for c in task.cells), task.start)
         )
         self.deaths[key] = self.deaths.get(key, 0) + 1
         if self.deaths[key] <= MAX_TASK_RETRIES:
             (self.trains if training else self.shards).appendleft(task)
             return []
         out = []
-        for cell in task.cells if training else [task.cell]:
+        for cell in task.cells:
             if cell.cell_id() not in self.failed:
                 self.failed.add(cell.cell_id())
                 self.cells.pop(cell.cell_id(), None)
                 out.append((cell, CellFailed(cell, f"{why}, twice")))
-        keep = [t for t in self.shards if t.cell.cell_id() not in self.failed]
+        keep = [t for t in self.shards if all(c.cell_id() not in self.failed for c in t.cells)]
         self.shards = deque(keep)
         return out
 
@@ -229,10 +243,11 @@ def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
                     if isinstance(outcome, BaseException):
                         raise outcome  # the task's own error stops the run
                     result, seconds = outcome[1]
-                    if hasattr(task, "cells"):
+                    if not hasattr(task, "start"):  # a training
                         schedule.trained(task, result, seconds)
-                    elif (record := schedule.evaluated(task, result, seconds)) is not None:
+                        continue
+                    for cell, record in schedule.evaluated(task, result, seconds):
                         show.cell_done()
-                        yield task.cell, record
+                        yield cell, record
     finally:
         show.close()
