@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -194,6 +195,36 @@ def test_evaluate_returns_board_columns_per_norm():
     assert df["guaranteed_accuracy@0.1"].isna().iloc[0]  # undefended certifies nothing
     assert "accuracy_under_attack@0.1" not in df.columns  # no attack asked for
     assert df["n_test"].tolist() == [20, 20]
+
+
+def test_evaluate_shares_pixeldps_certificate_between_norms():
+    """PixelDP with fixed draws certifies l2 and linf from the same draws: one evaluate call
+    for both norms certifies the clean examples once and gives the rows of two calls."""
+    from defenses.pixeldp import PixelDP
+
+    net = _train_one_epoch(create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=16))
+    radii = {"l2": [0.0, 0.05], "linf": [0.0, 0.01]}
+    kw = dict(
+        dataset="digits", defense="pixeldp", params={"n_draws": 40}, limit=60, attacks=None,
+        name="m",
+    )  # fmt: skip
+    calls: list[str] = []
+    real = PixelDP.certify
+
+    def counting(self, x, **k):
+        calls.append(k["norm"])
+        return real(self, x, **k)
+
+    with mock.patch.object(PixelDP, "certify", counting):
+        both = bench.evaluate(net, norms=["l2", "linf"], radii=radii, **kw)
+        together = len(calls)
+        apart = pd.concat(
+            [bench.evaluate(net, norms=n, radii={n: radii[n]}, **kw) for n in ("l2", "linf")],
+            ignore_index=True,
+        )
+    assert together == 1 and len(calls) - together == 2  # 60 examples: one chunk each
+    numbers = [c for c in both.columns if c == "accuracy" or "@" in c or c == "n_draws"]
+    pd.testing.assert_frame_equal(both[numbers], apart[numbers])
 
 
 def test_evaluate_does_not_touch_the_callers_model():
