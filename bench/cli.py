@@ -556,7 +556,12 @@ def _model_opts(p: argparse.ArgumentParser, *, checkpoint: bool) -> None:
             help="a certbench checkpoint (NAME for NAME.safetensors + NAME.json), or the "
             "model's own weights: a .safetensors file or a plain state-dict .pth/.pt",
         )
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="examples per chunk")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=100,  # bench.pipeline.CERTIFY_CHUNK: the chunks of `certbench run`
+        help="examples per chunk (default 100, as certbench run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

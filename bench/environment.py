@@ -5,18 +5,22 @@ Thread policy (README, "Threads and parallel jobs"): training runs on
 model does not depend on the machine; ``certbench run`` evaluates in single-thread worker
 processes (:mod:`bench.executors.local`); a command that evaluates in its own process
 (``eval``, ``certify``, ``attack``, ``bench.evaluate``) uses the cores that other processes
-leave free (:func:`configure_threads`, :func:`adapt_threads`).
+leave free (:func:`configure_threads`, :func:`adapt_threads`); there, the certification of a
+deterministic defense runs its chunks side by side on that many threads of one intra-op
+thread each (:func:`bench.pipeline.certify_all`).
 
 Everything is device-agnostic: tensors follow ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -182,6 +186,27 @@ def configure_threads(num_threads: int | None = None) -> int:
     if torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
     return num_threads
+
+
+def adaptive() -> bool:
+    """Whether the thread count follows the free cores (:func:`configure_threads` without a
+    fixed count): in-process evaluation, not a worker process or a pinned count."""
+    return _adaptive.get("last") is not None
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def adapt_threads() -> int:

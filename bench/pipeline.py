@@ -24,11 +24,14 @@ Stages of a cell (:class:`bench.spec.CellConfig`):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import math
+import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,11 +45,14 @@ from bench.assembly import build_defense, load_defense_state, load_weights, save
 from bench.checkpoint import checkpoint_paths, load_tensors, read_record
 from bench.environment import (
     adapt_threads,
+    adaptive,
     configure_threads,
+    intra_op_threads,
     provenance,
     resolve_device,
     seed_everything,
     training_threads,
+    usable_cores,
 )
 from bench.errors import ConfigError
 from bench.files import exclusive_lock
@@ -269,16 +275,10 @@ def certify_all(
     labels, bound = [], ""
     radius: dict[str, list[Tensor]] = {n: [] for n in keep}
     extra: dict[str, list[Tensor]] = {}
-    for a, b in tqdm(
-        list(_chunks(x.shape[0], batch_size)),
-        desc=f"certify {d.name}",
-        disable=not progress,
-        leave=False,
-        unit="chunk",
-    ):
-        adapt_threads()
+
+    def one(defense: Defense, a: int, b: int) -> Certificate:
         given = {} if true_labels is None else {"labels": true_labels[a:b].to(d.device)}
-        cert = d.certify(
+        return defense.certify(
             x[a:b].to(d.device),
             norm=norm,
             seed=seed,
@@ -287,12 +287,19 @@ def certify_all(
             radii=radii,
             **given,
         )
-        labels.append(cert.labels.cpu())
-        for n in keep:
-            radius[n].append(cert.radius(n).cpu().to(torch.float64))
-        bound = cert.bound
-        for k, v in cert.extra.items():
-            extra.setdefault(k, []).append(v.cpu())
+
+    chunks = list(_chunks(x.shape[0], batch_size))
+    bar = tqdm(
+        total=len(chunks), desc=f"certify {d.name}", disable=not progress, leave=False, unit="chunk"
+    )
+    with bar:
+        for cert in _certify_chunks(d, chunks, one, bar):
+            labels.append(cert.labels.cpu())
+            for n in keep:
+                radius[n].append(cert.radius(n).cpu().to(torch.float64))
+            bound = cert.bound
+            for k, v in cert.extra.items():
+                extra.setdefault(k, []).append(v.cpu())
     if not labels:
         empty = torch.empty(0, dtype=torch.float64)
         return Certificate(torch.empty(0, dtype=torch.int64), {n: empty for n in keep}, bound=bound)
@@ -302,6 +309,55 @@ def certify_all(
         bound=bound,
         extra={k: torch.cat(v) for k, v in extra.items()},
     )
+
+
+def _certify_chunks(
+    d: Defense,
+    chunks: list[tuple[int, int]],
+    one: Callable[[Defense, int, int], Certificate],
+    bar: Any,
+) -> Iterator[Certificate]:
+    """``one(defense, a, b)`` of every chunk, in order.
+
+    In-process evaluation (:func:`bench.environment.adaptive`) of a deterministic defense
+    on the CPU runs the chunks side by side: one Python thread per usable core, each with
+    its own copy of the defense and one intra-op thread. Independent chunks
+    slow down by their share of the cores when another process takes one, where intra-op
+    parallelism waits at every operation for the thread that lost its core (README,
+    "Threads and parallel jobs"). The certificates are those of the one-chunk-at-a-time
+    loop (evaluation does not depend on the thread count; tested). A randomized defense's
+    Monte Carlo engine has its own CPU pipelines, and a worker process has one thread:
+    one chunk at a time, re-choosing the threads between chunks (:func:`adapt_threads`).
+    """
+    # every usable core, busy or not: independent threads lose only their share of a core
+    # that another process takes (as `certbench run`'s workers), never wait on one another
+    threads = usable_cores() if adaptive() else 1
+    if threads > 1 and len(chunks) > 1 and not d.randomized and d.device.type == "cpu":
+        try:
+            copies = [copy.deepcopy(d) for _ in range(min(threads, len(chunks)))]
+        except Exception:  # a defense that cannot be copied: one chunk at a time
+            copies = []
+        if copies:
+            free = queue.SimpleQueue()
+            for c in copies:
+                free.put(c)
+
+            def run(ab: tuple[int, int]) -> Certificate:
+                defense = free.get()
+                try:
+                    return one(defense, *ab)
+                finally:
+                    free.put(defense)
+
+            with intra_op_threads(1), ThreadPoolExecutor(len(copies)) as pool:
+                for cert in pool.map(run, chunks):
+                    bar.update(1)
+                    yield cert
+            return
+    for a, b in chunks:
+        adapt_threads()
+        yield one(d, a, b)
+        bar.update(1)
 
 
 def takes_labels(d: Defense) -> bool:

@@ -372,6 +372,54 @@ def test_evaluation_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_in_process_certification_runs_chunks_side_by_side(tmp_path: Path, monkeypatch) -> None:
+    """In-process evaluation (adaptive threads) certifies a deterministic defense's chunks on
+    one thread per usable core, each with its own copy of the defense and one intra-op
+    thread: the certificates of the one-chunk-at-a-time loop; a randomized defense (own
+    Monte Carlo pipelines) and a worker process (not adaptive) keep that loop."""
+    import threading
+
+    from bench import pipeline
+    from bench.pipeline import certify_all, dataset_for, prepare_defense
+
+    cell = next(c for c in _spec(SPEC).cells() if c.defense == "wong-kolter" and c.norm == "linf")
+    d, _ = prepare_defense(cell, tmp_path, device=torch.device("cpu"), progress=False)
+    x = dataset_for(cell).x_test[:250]
+    kw = dict(norm="linf", radii=[0.0, 0.01, 0.02], batch_size=50)
+    seen: list[tuple[str, int, int]] = []
+
+    def recorder(real):
+        def recording(self, x, **k):
+            seen.append((threading.current_thread().name, id(self), torch.get_num_threads()))
+            return real(self, x, **k)
+
+        return recording
+
+    before = torch.get_num_threads()
+    with mock.patch.object(type(d), "certify", recorder(type(d).certify)):
+        ref = certify_all(d, x, **kw)  # tests are not adaptive: one chunk at a time
+        assert {name for name, _, _ in seen} == {threading.current_thread().name}
+        seen.clear()
+        monkeypatch.setattr(pipeline, "adaptive", lambda: True)
+        monkeypatch.setattr(pipeline, "usable_cores", lambda: 3)
+        got = certify_all(d, x, **kw)
+    assert len(seen) == 5  # 250 examples in chunks of 50
+    assert len({name for name, _, _ in seen}) > 1  # side by side
+    assert threading.current_thread().name not in {name for name, _, _ in seen}
+    assert id(d) not in {obj for _, obj, _ in seen} and len({obj for _, obj, _ in seen}) <= 3
+    assert {n for _, _, n in seen} == {1} and torch.get_num_threads() == before
+    assert torch.equal(ref.labels, got.labels) and torch.equal(
+        ref.radius("linf"), got.radius("linf")
+    )
+    # a randomized defense keeps the loop (its engine has its own CPU pipelines)
+    pix = next(c for c in _spec(SPEC).cells() if c.defense == "pixeldp")
+    dp, _ = prepare_defense(pix, tmp_path, device=torch.device("cpu"), progress=False)
+    seen.clear()
+    with mock.patch.object(type(dp), "certify", recorder(type(dp).certify)):
+        certify_all(dp, x[:150], norm="l2", batch_size=50)
+    assert {name for name, _, _ in seen} == {threading.current_thread().name}
+
+
 def test_cells_sharing_a_certificate_certify_each_shard_once(tmp_path: Path) -> None:
     """PixelDP with fixed draws certifies l2 and linf from the same draws: evaluate_shards
     certifies the clean examples once for both cells, with the results of separate runs;
