@@ -349,10 +349,14 @@ def _certify_chunks(
                 finally:
                     free.put(defense)
 
-            with intra_op_threads(1), ThreadPoolExecutor(len(copies)) as pool:
-                for cert in pool.map(run, chunks):
-                    bar.update(1)
-                    yield cert
+            pool = ThreadPoolExecutor(len(copies), thread_name_prefix="certbench-chunk")
+            try:
+                with intra_op_threads(1):
+                    for cert in pool.map(run, chunks):
+                        bar.update(1)
+                        yield cert
+            finally:  # Ctrl-C or an error: the chunks not started are dropped, not run
+                pool.shutdown(wait=True, cancel_futures=True)
             return
     for a, b in chunks:
         adapt_threads()

@@ -411,6 +411,23 @@ def test_in_process_certification_runs_chunks_side_by_side(tmp_path: Path, monke
     assert torch.equal(ref.labels, got.labels) and torch.equal(
         ref.radius("linf"), got.radius("linf")
     )
+    # an error in a chunk stops the call: the chunks not started yet are dropped
+    calls: list[int] = []
+
+    def failing(self, x, **k):
+        calls.append(int(k["indices"][0]))
+        if k["indices"][0] == 0:
+            raise RuntimeError("chunk 0 fails")
+        time.sleep(0.05)
+        return real_wk(self, x, **k)
+
+    real_wk = type(d).certify
+    with (
+        mock.patch.object(type(d), "certify", failing),
+        pytest.raises(RuntimeError, match="chunk 0 fails"),
+    ):
+        certify_all(d, x, norm="linf", radii=[0.0], batch_size=10)  # 25 chunks
+    assert 0 in calls and len(calls) < 25 and torch.get_num_threads() == before
     # a randomized defense keeps the loop (its engine has its own CPU pipelines)
     pix = next(c for c in _spec(SPEC).cells() if c.defense == "pixeldp")
     dp, _ = prepare_defense(pix, tmp_path, device=torch.device("cpu"), progress=False)
