@@ -910,7 +910,7 @@ def evaluate_cell(
     d: Defense, cell, *, train_seconds: float | None, progress: bool = False
 ) -> dict[str, Any]:
     """Stages 2 and 3 of ``cell`` for a set-up defense ``d``, on the whole test set: its
-    record (:func:`cell_result`). :func:`run_cell` and :func:`bench.api.evaluate` call it."""
+    record (:func:`cell_result`). :func:`run_cell` and :func:`evaluate_cells` call it."""
     t0 = time.perf_counter()
     n_test = int(dataset_for(cell).y_test.numel())
     merged = evaluate_shard(d, cell, 0, n_test, progress=progress)

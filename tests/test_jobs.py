@@ -484,6 +484,22 @@ def test_cells_sharing_a_certificate_certify_each_shard_once(tmp_path: Path) -> 
             for eps, (p, r) in a.adv[label].items():
                 assert torch.equal(p, b.adv[label][eps][0]) and torch.equal(r, b.adv[label][eps][1])
     assert all(torch.equal(a.pred, s.pred) for a, s in zip(alone, separate, strict=True))
+    # --jobs 1 evaluates them together too, with the records of the worker executor
+    from bench.executors import local
+
+    sizes: list[int] = []
+    real_cells = local.evaluate_cells
+
+    def recording_cells(pairs, **k):
+        sizes.append(len(pairs))
+        return real_cells(pairs, **k)
+
+    some = [c for c in _spec(SPEC).cells() if c.defense in ("pixeldp", "undefended")]
+    with mock.patch.object(local, "evaluate_cells", recording_cells):
+        one = dict(local.run_cells(some, tmp_path / "one", jobs=1, progress=False))
+    assert sorted(sizes) == [1, 1, 2]
+    two = dict(local.run_cells(some, tmp_path / "two", jobs=2, progress=False))
+    assert [one[c]["metrics"] for c in some] == [two[c]["metrics"] for c in some]
     # grouping in the executor: the two PixelDP cells together, every other cell alone
     cells = _spec(SPEC).cells()
     facts = {c.cell_id(): c.defense == "pixeldp" for c in cells}

@@ -43,9 +43,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench.environment import training_threads
+from bench.environment import configure_threads, resolve_device, training_threads
 from bench.errors import CellFailed
-from bench.pipeline import cell_result, certificate_groups, merge_shards, run_cell, shard_bounds
+from bench.pipeline import (
+    cell_result,
+    certificate_groups,
+    certifies_shared,
+    evaluate_cells,
+    merge_shards,
+    prepare_defense,
+    shard_bounds,
+)
 from bench.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
 
 __all__ = ["JOBS_ENV", "default_jobs", "resolve_jobs", "run_cells"]
@@ -84,14 +92,31 @@ def run_cells(
 
 
 def _in_process(cells, checkpoint_root, device, progress, desc, threads):
-    """``--jobs 1``: the cells one after another in this process."""
-    bar = tqdm(cells, desc=desc, unit="cell", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(f"{cell.defense}/{cell.model}/{cell.norm}")
-        yield (
-            cell,
-            run_cell(cell, checkpoint_root, device=device, progress=progress, num_threads=threads),
-        )
+    """``--jobs 1``: the cells one after another in this process, each as
+    :func:`~bench.pipeline.run_cell` runs it; the later cells that share the first one's
+    clean certificate (:func:`~bench.pipeline.certificate_groups`) are evaluated with it
+    (:func:`~bench.pipeline.evaluate_cells`)."""
+    bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
+    pending = list(cells)
+    with bar:
+        while pending:
+            cell = pending.pop(0)
+            bar.set_postfix_str(f"{cell.defense}/{cell.model}/{cell.norm}")
+            configure_threads(threads)
+            dev = resolve_device(device or cell.device)
+            d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
+            mates = [c for c in pending if c.train_key() == cell.train_key()]
+            groups = certificate_groups([cell, *mates], lambda c, d=d: certifies_shared(d, c.norm))
+            group = next(g for g in groups if g[0] is cell)
+            pairs = [(d, cell)]
+            for other in group[1:]:  # each cell evaluates a defense fresh from the checkpoint
+                pending.remove(other)
+                d_other, _ = prepare_defense(other, checkpoint_root, device=dev, progress=False)
+                pairs.append((d_other, other))
+            records = evaluate_cells(pairs, train_seconds=train_seconds, progress=progress)
+            for (_, c), record in zip(pairs, records, strict=True):
+                bar.update(1)
+                yield c, record
 
 
 class _Progress:
