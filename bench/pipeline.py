@@ -874,10 +874,26 @@ def run_cell(
     ``num_threads`` defaults to :func:`bench.environment.training_threads`, so the cell
     trains as it would in any executor.
     """
+    d, train_seconds = setup_cell(
+        cell, checkpoint_root, device=device, progress=progress, num_threads=num_threads
+    )
+    return evaluate_cell(d, cell, train_seconds=train_seconds, progress=progress)
+
+
+def setup_cell(
+    cell,
+    checkpoint_root: str | Path,
+    *,
+    device: str | None = None,
+    progress: bool = False,
+    num_threads: int | None = None,
+) -> tuple[Defense, float | None]:
+    """Stage 1 of :func:`run_cell` in this process: the threads set (``num_threads``, default
+    :func:`bench.environment.training_threads`), then :func:`prepare_defense` on ``device``
+    (default the cell's)."""
     configure_threads(training_threads() if num_threads is None else num_threads)
     dev = resolve_device(device or cell.device)
-    d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
-    return evaluate_cell(d, cell, train_seconds=train_seconds, progress=progress)
+    return prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
 
 
 def evaluate_cells(

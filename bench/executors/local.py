@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench.environment import configure_threads, resolve_device, training_threads
+from bench.environment import training_threads
 from bench.errors import CellFailed
 from bench.pipeline import (
     cell_result,
@@ -51,10 +51,17 @@ from bench.pipeline import (
     certifies_shared,
     evaluate_cells,
     merge_shards,
-    prepare_defense,
+    setup_cell,
     shard_bounds,
 )
-from bench.workers import JOBS_ENV, default_jobs, main_components, resolve_jobs
+from bench.workers import (
+    JOBS_ENV,
+    ShardTask,
+    TrainTask,
+    default_jobs,
+    main_components,
+    resolve_jobs,
+)
 
 __all__ = ["JOBS_ENV", "default_jobs", "resolve_jobs", "run_cells"]
 
@@ -102,16 +109,16 @@ def _in_process(cells, checkpoint_root, device, progress, desc, threads):
         while pending:
             cell = pending.pop(0)
             bar.set_postfix_str(f"{cell.defense}/{cell.model}/{cell.norm}")
-            configure_threads(threads)
-            dev = resolve_device(device or cell.device)
-            d, train_seconds = prepare_defense(cell, checkpoint_root, device=dev, progress=progress)
+            d, train_seconds = setup_cell(
+                cell, checkpoint_root, device=device, progress=progress, num_threads=threads
+            )
             mates = [c for c in pending if c.train_key() == cell.train_key()]
             groups = certificate_groups([cell, *mates], lambda c, d=d: certifies_shared(d, c.norm))
             group = next(g for g in groups if g[0] is cell)
             pairs = [(d, cell)]
             for other in group[1:]:  # each cell evaluates a defense fresh from the checkpoint
                 pending.remove(other)
-                d_other, _ = prepare_defense(other, checkpoint_root, device=dev, progress=False)
+                d_other, _ = setup_cell(other, checkpoint_root, device=device, num_threads=threads)
                 pairs.append((d_other, other))
             records = evaluate_cells(pairs, train_seconds=train_seconds, progress=progress)
             for (_, c), record in zip(pairs, records, strict=True):
@@ -162,8 +169,6 @@ class _Schedule:
     becomes of a finished or lost task."""
 
     def __init__(self, cells: list, checkpoint_root: str, device: str | None, jobs: int) -> None:
-        from bench.workers import TrainTask
-
         self.checkpoint_root, self.device, self.jobs = checkpoint_root, device, jobs
         groups: dict[str, list] = {}
         for cell in cells:
@@ -182,8 +187,6 @@ class _Schedule:
     def trained(self, task: Any, result: dict[str, tuple[Any, int]], seconds: float) -> None:
         """A training finished: queue the shards of its cells (cells that share their clean
         certificate, :func:`~bench.pipeline.certificate_groups`, in the same tasks)."""
-        from bench.workers import ShardTask
-
         groups = certificate_groups(task.cells, lambda c: result[c.cell_id()][0].shared)
         for group in groups:
             n_test = result[group[0].cell_id()][1]
@@ -223,7 +226,7 @@ class _Schedule:
     def died(self, task: Any, why: Exception) -> list[tuple[Any, CellFailed]]:
         """A worker died running ``task``: queue it again, or fail its cells when it has
         already been retried :data:`MAX_TASK_RETRIES` times."""
-        training = not hasattr(task, "start")
+        training = isinstance(task, TrainTask)
         key = (
             ("train", task.cells[0].train_key())
             if training
@@ -268,7 +271,7 @@ def _parallel(cells, checkpoint_root, device, progress, desc, jobs, threads):
                     if isinstance(outcome, BaseException):
                         raise outcome  # the task's own error stops the run
                     result, seconds = outcome[1]
-                    if not hasattr(task, "start"):  # a training
+                    if isinstance(task, TrainTask):
                         schedule.trained(task, result, seconds)
                         continue
                     for cell, record in schedule.evaluated(task, result, seconds):
