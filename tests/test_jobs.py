@@ -372,6 +372,47 @@ def test_evaluation_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_ray_driver_evaluates_cells_sharing_a_certificate_in_one_set_of_shards(
+    tmp_path: Path,
+) -> None:
+    """The Ray executor's driver sends the two PixelDP cells to the same shard tasks (each
+    certifies its examples once for both norms) and every other cell alone, and the records
+    are those of the local executor. Ray itself is replaced by a stand-in that runs each task
+    in this process; tests/test_runner.py runs the real thing."""
+    from bench.executors import local
+    from bench.executors.ray_executor import _Driver, _shard_task, _train_task
+
+    cells = [c for c in _spec(SPEC).cells() if c.defense in ("pixeldp", "undefended")]
+    ckroot = str(tmp_path / "ray")
+    submitted: list[tuple[tuple[str, ...], int, int]] = []
+
+    class Remote:
+        def remote(self, group, root, device, threads, a, b):
+            submitted.append((tuple(c.norm for c in group), a, b))
+            return _shard_task(group, root, device, threads, a, b)
+
+    class Ray:
+        @staticmethod
+        def get(refs):
+            return refs
+
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(c.train_key(), []).append(c)
+    train_refs = {k: _train_task(g, ckroot, "cpu", 1) for k, g in groups.items()}
+    driver = _Driver(Ray(), Remote(), train_refs, groups, ckroot, "cpu", 1, 2)
+    records: dict[str, Any] = {}
+    for c in cells:
+        if c.cell_id() not in records:
+            records.update(driver.evaluate(c))
+    assert sorted(submitted) == sorted(
+        [(("l2", "linf"), a, b) for a, b in shard_bounds(250, 2)]
+        + [((norm,), a, b) for norm in ("l2", "linf") for a, b in shard_bounds(250, 2)]
+    )
+    ref = dict(local.run_cells(cells, tmp_path / "local", jobs=1, progress=False))
+    assert [records[c.cell_id()]["metrics"] for c in cells] == [ref[c]["metrics"] for c in cells]
+
+
 def test_in_process_certification_runs_chunks_side_by_side(tmp_path: Path, monkeypatch) -> None:
     """In-process evaluation (adaptive threads) certifies a deterministic defense's chunks on
     one thread per usable core, each with its own copy of the defense and one intra-op

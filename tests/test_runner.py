@@ -217,6 +217,40 @@ def test_ray_executor_matches_local(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and a == b
 
 
+@pytest.mark.slow
+def test_ray_executor_shares_pixeldps_certificate_with_local_results(tmp_path, monkeypatch):
+    """PixelDP's l2 and linf cells go to the same Ray shard tasks (one clean certificate per
+    shard, tests/test_jobs.py) and store the local executor's metrics."""
+    ray = pytest.importorskip("ray")
+    import tomllib
+
+    from bench.executors import run_spec
+    from bench.spec import parse_spec
+
+    text = SPEC.replace('norms = ["l2"]', 'norms = ["l2", "linf"]').replace(
+        "radii = [0.0, 0.25]\nthresholds = [0.1]\neps = [0.5]",
+        "radii = { l2 = [0.0, 0.25], linf = [0.0, 0.02] }\n"
+        "thresholds = { l2 = [0.1], linf = [0.01] }\neps = { l2 = [0.5], linf = [0.05] }",
+    )
+    text = text[: text.index("[[defenses]]")] + (
+        '[[defenses]]\nname = "pixeldp"\nparams = { n_draws = 50, noise_warmup = false }\n'
+    )
+    monkeypatch.setenv("CERTBENCH_NUM_THREADS", "1")
+    spec = parse_spec(tomllib.loads(text), "ray-pixeldp")
+    local = run_spec(spec, tmp_path / "local" / "s.sqlite", progress=False, jobs=1)
+    assert local["ran"] == 2
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        remote = run_spec(
+            spec, tmp_path / "ray" / "s.sqlite", executor="ray", progress=False, shards=2
+        )
+    finally:
+        ray.shutdown()
+    assert remote["ran"] == 2
+    a, b = _metrics(tmp_path / "local" / "s.sqlite"), _metrics(tmp_path / "ray" / "s.sqlite")
+    assert len(a) == 2 and a == b
+
+
 PIXELDP_ALL = """
 name = "pixeldp-all"
 [data]

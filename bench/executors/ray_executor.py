@@ -2,7 +2,7 @@
 
 ``certbench run SPEC --executor ray [--address auto]`` (extra ``certbench[ray]``). For each
 cell one task trains the defense (or finds its checkpoint) and saves it under the store's
-checkpoint directory; then ``shards`` tasks each run :func:`bench.pipeline.evaluate_shard` on
+checkpoint directory; then ``shards`` tasks each run :func:`bench.pipeline.evaluate_shards` on
 a contiguous slice of the test set and return its per-example results. Only the driver
 merges them, scores the cell and writes the store, with the same pipeline functions as the
 local executor.
@@ -15,7 +15,11 @@ it (``num_cpus``, default 1), the number the local executor trains with unless
 ``CERTBENCH_NUM_THREADS`` says otherwise (:func:`bench.environment.training_threads`), so the
 two give the same checkpoints and metrics by default (tested).
 
-Cells that share a ``train_key`` are trained by one task. A task whose worker process dies
+Cells that share a ``train_key`` are trained by one task. Cells of one trained defense whose
+clean certificate does not depend on the norm (PixelDP with a fixed number of draws, see
+:func:`bench.pipeline.certificate_groups`) share their shard tasks, as with the local
+executor: each shard's clean examples are certified once for all of them
+(:func:`bench.pipeline.evaluate_shards`), with the same results. A task whose worker process dies
 (killed, out of memory, a node lost) is run again by Ray, up to :data:`TASK_RETRIES` times;
 tasks are pure functions of their arguments (a retried training writes the same checkpoint
 atomically, a retried shard returns the same results), so nothing is lost or counted twice.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +49,9 @@ from bench.pipeline import (
     DefenseFacts,
     ShardResult,
     cell_result,
+    certificate_groups,
     dataset_for,
-    evaluate_shard,
+    evaluate_shards,
     merge_shards,
     prepare_defense,
     shard_bounds,
@@ -72,9 +78,13 @@ def _train_task(
     return facts, None if train_seconds is None else float(train_seconds)
 
 
-def _shard_task(cell, ckroot: str, device: str | None, threads: int, a: int, b: int) -> ShardResult:
-    d, _ = _worker(cell, ckroot, device, threads)
-    return evaluate_shard(d, cell, a, b)
+def _shard_task(
+    cells: tuple, ckroot: str, device: str | None, threads: int, a: int, b: int
+) -> list[ShardResult]:
+    """Examples ``[a, b)`` of ``cells`` (one cell, or a group that shares its clean
+    certificate), each with its own defense fresh from the checkpoint; a result per cell."""
+    pairs = [(_worker(c, ckroot, device, threads)[0], c) for c in cells]
+    return evaluate_shards(pairs, a, b)
 
 
 def run_cells(
@@ -125,36 +135,68 @@ def run_cells(
         key: train_remote.remote(group, ckroot, dev, num_cpus_per_task)
         for key, group in groups.items()
     }
+    driver = _Driver(ray, shard_remote, train_refs, groups, ckroot, dev, num_cpus_per_task, shards)
     bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
+    done: dict[str, Any] = {}  # results of cells evaluated with an earlier cell's group
     try:
         for cell in cells:
-            try:
-                all_facts, train_seconds = _get(ray, train_refs[cell.train_key()])
-                n_test = int(dataset_for(cell).y_test.numel())
-                t0 = time.perf_counter()
-                parts = _get(
-                    ray,
-                    [
-                        shard_remote.remote(cell, ckroot, dev, num_cpus_per_task, a, b)
-                        for a, b in shard_bounds(n_test, shards)
-                    ],
-                )
-            except _TaskLost as lost:
-                bar.update(1)
-                yield cell, CellFailed(cell, str(lost))
-                continue
-            result = cell_result(
-                cell,
-                all_facts[cell.cell_id()],
-                merge_shards(parts),
-                train_seconds=train_seconds,
-                eval_seconds=time.perf_counter() - t0,
-                executor="ray",
-            )
+            if cell.cell_id() not in done:
+                done.update(driver.evaluate(cell))
             bar.update(1)
-            yield cell, result
+            yield cell, done.pop(cell.cell_id())
     finally:
         bar.close()
+
+
+@dataclass
+class _Driver:
+    """The driver's side of evaluating a trained cell: its shard tasks, then its record."""
+
+    ray: Any
+    shard_remote: Any  # the remote _shard_task
+    train_refs: dict[str, Any]  # train_key -> the training task's result
+    groups: dict[str, list]  # train_key -> its cells
+    ckroot: str
+    device: str | None
+    threads: int
+    shards: int
+
+    def evaluate(self, cell: Any) -> dict[str, Any]:
+        """Evaluate ``cell`` and the cells that share its clean certificate
+        (:func:`~bench.pipeline.certificate_groups`) in one set of shard tasks;
+        ``{cell_id: record}``, a :class:`CellFailed` for each when a task was lost."""
+        try:
+            all_facts, train_seconds = _get(self.ray, self.train_refs[cell.train_key()])
+        except _TaskLost as lost:  # the training's other cells fail with the same error
+            return {cell.cell_id(): CellFailed(cell, str(lost))}
+        groups = certificate_groups(
+            self.groups[cell.train_key()], lambda c: all_facts[c.cell_id()].shared
+        )
+        group = next(g for g in groups if cell in g)
+        n_test = int(dataset_for(cell).y_test.numel())
+        t0 = time.perf_counter()
+        try:
+            parts = _get(
+                self.ray,
+                [
+                    self.shard_remote.remote(group, self.ckroot, self.device, self.threads, a, b)
+                    for a, b in shard_bounds(n_test, self.shards)
+                ],
+            )
+        except _TaskLost as lost:
+            return {c.cell_id(): CellFailed(c, str(lost)) for c in group}
+        seconds = (time.perf_counter() - t0) / len(group)  # split evenly, as the local executor
+        return {
+            c.cell_id(): cell_result(
+                c,
+                all_facts[c.cell_id()],
+                merge_shards([part[i] for part in parts]),
+                train_seconds=train_seconds,
+                eval_seconds=seconds,
+                executor="ray",
+            )
+            for i, c in enumerate(group)
+        }
 
 
 class _TaskLost(Exception):
