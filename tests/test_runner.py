@@ -193,18 +193,17 @@ def test_kill_and_resume_stores_every_cell_once_and_matches_uninterrupted(tmp_pa
 # --------------------------------------------------------------------------- Ray executor
 
 
-@pytest.mark.slow
-def test_ray_executor_matches_local(tmp_path, monkeypatch):
+def _local_and_ray_metrics(text: str, tmp_path: Path, cells: int, **local) -> tuple:
+    """Run the spec ``text`` with the local executor (``local`` options) and on a 2-CPU local
+    Ray; both must run ``cells`` cells. The metrics of each store."""
     ray = pytest.importorskip("ray")
     import tomllib
 
     from bench.executors import run_spec
     from bench.spec import parse_spec
 
-    monkeypatch.setenv("CERTBENCH_NUM_THREADS", "1")
-    spec = parse_spec(tomllib.loads(SPEC.replace("limit = 100", "limit = 200")), "ray-test")
-    local = run_spec(spec, tmp_path / "local" / "s.sqlite", progress=False)
-    assert local["ran"] == 3
+    spec = parse_spec(tomllib.loads(text), "ray-test")
+    assert run_spec(spec, tmp_path / "local" / "s.sqlite", progress=False, **local)["ran"] == cells
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         remote = run_spec(
@@ -212,8 +211,14 @@ def test_ray_executor_matches_local(tmp_path, monkeypatch):
         )
     finally:
         ray.shutdown()
-    assert remote["ran"] == 3
-    a, b = _metrics(tmp_path / "local" / "s.sqlite"), _metrics(tmp_path / "ray" / "s.sqlite")
+    assert remote["ran"] == cells
+    return _metrics(tmp_path / "local" / "s.sqlite"), _metrics(tmp_path / "ray" / "s.sqlite")
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("CERTBENCH_NUM_THREADS", "1")
+    a, b = _local_and_ray_metrics(SPEC.replace("limit = 100", "limit = 200"), tmp_path, 3)
     assert a.keys() == b.keys() and a == b
 
 
@@ -221,12 +226,6 @@ def test_ray_executor_matches_local(tmp_path, monkeypatch):
 def test_ray_executor_shares_pixeldps_certificate_with_local_results(tmp_path, monkeypatch):
     """PixelDP's l2 and linf cells go to the same Ray shard tasks (one clean certificate per
     shard, tests/test_jobs.py) and store the local executor's metrics."""
-    ray = pytest.importorskip("ray")
-    import tomllib
-
-    from bench.executors import run_spec
-    from bench.spec import parse_spec
-
     text = SPEC.replace('norms = ["l2"]', 'norms = ["l2", "linf"]').replace(
         "radii = [0.0, 0.25]\nthresholds = [0.1]\neps = [0.5]",
         "radii = { l2 = [0.0, 0.25], linf = [0.0, 0.02] }\n"
@@ -236,18 +235,7 @@ def test_ray_executor_shares_pixeldps_certificate_with_local_results(tmp_path, m
         '[[defenses]]\nname = "pixeldp"\nparams = { n_draws = 50, noise_warmup = false }\n'
     )
     monkeypatch.setenv("CERTBENCH_NUM_THREADS", "1")
-    spec = parse_spec(tomllib.loads(text), "ray-pixeldp")
-    local = run_spec(spec, tmp_path / "local" / "s.sqlite", progress=False, jobs=1)
-    assert local["ran"] == 2
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        remote = run_spec(
-            spec, tmp_path / "ray" / "s.sqlite", executor="ray", progress=False, shards=2
-        )
-    finally:
-        ray.shutdown()
-    assert remote["ran"] == 2
-    a, b = _metrics(tmp_path / "local" / "s.sqlite"), _metrics(tmp_path / "ray" / "s.sqlite")
+    a, b = _local_and_ray_metrics(text, tmp_path, 2, jobs=1)
     assert len(a) == 2 and a == b
 
 
