@@ -610,6 +610,15 @@ def _share_key(cell) -> tuple:
     return (cell.train_key(), cell.seed, cell.limit_test, repr(sorted(cell.eval.items())))
 
 
+def training_groups(cells: Sequence[Any]) -> dict[str, list]:
+    """``cells`` by ``train_key`` (in the order of each key's first cell): the cells of one
+    group share trained weights, so an executor trains each group once."""
+    groups: dict[str, list] = {}
+    for c in cells:
+        groups.setdefault(c.train_key(), []).append(c)
+    return groups
+
+
 def certificate_groups(cells: Sequence[Any], shared: Callable[[Any], bool]) -> list[tuple]:
     """``cells`` in groups whose clean certificate is computed once (:func:`evaluate_shards`):
     cells with :func:`_share_key` in common for which ``shared(cell)`` holds

@@ -520,13 +520,16 @@ class Store:
         cells themselves stay stored (and in any other spec). Returns how many were
         detached."""
         keep_ids = set(keep)
-        query = "SELECT cell_id FROM spec_cells WHERE spec_name = ?"
+
+        def stale_ids(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT cell_id FROM spec_cells WHERE spec_name = ?", (spec_name,))
+            return [r[0] for r in rows if r[0] not in keep_ids]
+
         with self._connect() as conn:  # a read: most runs have nothing to detach
-            stale = [r[0] for r in conn.execute(query, (spec_name,)) if r[0] not in keep_ids]
-        if not stale:
-            return 0
-        with self._write() as conn:
-            stale = [r[0] for r in conn.execute(query, (spec_name,)) if r[0] not in keep_ids]
+            if not stale_ids(conn):
+                return 0
+        with self._write() as conn:  # again inside the transaction: another run may have linked
+            stale = stale_ids(conn)
             for part in _batches(stale):
                 conn.execute(
                     f"DELETE FROM spec_cells WHERE spec_name = ? "

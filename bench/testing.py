@@ -21,7 +21,6 @@ seeded by ``seed`` and ``indices``): :func:`check_seeded_noise` fails one whose 
 from __future__ import annotations
 
 import functools
-import inspect
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from bench.checkpoint import load_tensors, save_checkpoint
 from bench.models import create_model
 from bench.noise import is_randomized
+from bench.pipeline import takes_labels
 from bench.threat import NORMS
 from defenses.base import Certificate, Citation, Defense, DefenseRecord, TrainProgress
 
@@ -218,7 +218,7 @@ def check_shared_certificate(cls: type[Defense], params: dict[str, Any] | None =
         return
     x, y = _data()
     # the true labels too, where certify takes them (the runner passes them on clean inputs)
-    given = {"labels": y} if "labels" in inspect.signature(d.certify).parameters else {}
+    given = {"labels": y} if takes_labels(d) else {}
     first = d.certify(x, norm=shared[0], seed=5)
     for norm in shared[1:]:
         other = d.certify(x, norm=norm, seed=5, radii=[0.0, 0.01, 0.1], **given)

@@ -60,6 +60,7 @@ from scipy.stats import binom, norm
 from torch import Tensor, nn
 
 from bench.allocator import tune_malloc
+from bench.environment import intra_op_threads
 from bench.noise import NoiseLayer
 from bench.sampling import default_batch_size, smoothed_certify
 from bench.stats import lower_confidence_bound
@@ -94,10 +95,8 @@ MALLOC_TUNED = tune_malloc()
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(THREADS):
+        yield
 
 
 def _cnn(side: int) -> nn.Module:

@@ -381,6 +381,7 @@ def test_ray_driver_evaluates_cells_sharing_a_certificate_in_one_set_of_shards(
     in this process; tests/test_runner.py runs the real thing."""
     from bench.executors import local
     from bench.executors.ray_executor import _Driver, _shard_task, _train_task
+    from bench.pipeline import training_groups
 
     cells = [c for c in _spec(SPEC).cells() if c.defense in ("pixeldp", "undefended")]
     ckroot = str(tmp_path / "ray")
@@ -396,9 +397,7 @@ def test_ray_driver_evaluates_cells_sharing_a_certificate_in_one_set_of_shards(
         def get(refs):
             return refs
 
-    groups: dict[str, list] = {}
-    for c in cells:
-        groups.setdefault(c.train_key(), []).append(c)
+    groups = training_groups(cells)
     train_refs = {k: _train_task(g, ckroot, "cpu", 1) for k, g in groups.items()}
     driver = _Driver(Ray(), Remote(), train_refs, groups, ckroot, "cpu", 1, 2)
     records: dict[str, Any] = {}

@@ -53,6 +53,7 @@ from bench.pipeline import (
     merge_shards,
     setup_cell,
     shard_bounds,
+    training_groups,
 )
 from bench.workers import (
     JOBS_ENV,
@@ -170,10 +171,9 @@ class _Schedule:
 
     def __init__(self, cells: list, checkpoint_root: str, device: str | None, jobs: int) -> None:
         self.checkpoint_root, self.device, self.jobs = checkpoint_root, device, jobs
-        groups: dict[str, list] = {}
-        for cell in cells:
-            groups.setdefault(cell.train_key(), []).append(cell)
-        self.trains = deque(TrainTask(tuple(g), checkpoint_root, device) for g in groups.values())
+        self.trains = deque(
+            TrainTask(tuple(g), checkpoint_root, device) for g in training_groups(cells).values()
+        )
         self.shards: deque = deque()
         self.cells: dict[str, _Cell] = {}  # trained, not yet complete
         self.failed: set[str] = set()

@@ -55,6 +55,7 @@ from bench.pipeline import (
     merge_shards,
     prepare_defense,
     shard_bounds,
+    training_groups,
 )
 
 TASK_RETRIES = 3
@@ -128,9 +129,7 @@ def run_cells(
         shards = max(1, int(ray.available_resources().get("CPU", 1)) // num_cpus_per_task)
 
     # Train every group of cells first (independent tasks), then evaluate the shards of each.
-    groups: dict[str, list] = {}
-    for c in cells:
-        groups.setdefault(c.train_key(), []).append(c)
+    groups = training_groups(cells)
     train_refs = {
         key: train_remote.remote(group, ckroot, dev, num_cpus_per_task)
         for key, group in groups.items()
