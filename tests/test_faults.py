@@ -63,6 +63,7 @@ from unittest import mock
 
 import pandas as pd
 import pytest
+from processes import descendants, while_workers_compute
 
 from bench.checkpoint import load_tensors, read_record
 from bench.cli import main
@@ -818,41 +819,9 @@ def test_overflowing_learning_rate_is_a_clear_error(tmp_path: Path) -> None:
 # (issue #20: --jobs workers, Ray workers, concurrent runs, a full disk, many cells)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (its fork server and workers, for certbench run)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _workers(pid: int) -> list[int]:
-    """The worker processes of a certbench run: the children of its fork server."""
-    server = [
-        p
-        for p in _descendants(pid)
-        if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()
-        and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
-    ]
-    return [w for s in server for w in _descendants(s)]
-
-
-def _wait_for_workers(p: _Proc) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not _workers(p.popen.pid):
-        assert p.popen.poll() is None, p.stderr()
-        assert time.monotonic() < deadline, "no worker process started"
-        time.sleep(0.05)
+def _while_workers_compute(p: _Proc, rng: random.Random) -> int:
+    """:func:`processes.while_workers_compute` for a :class:`_Proc`."""
+    return while_workers_compute(p.popen, rng, timeout=TIMEOUT_S, stderr=p.stderr)
 
 
 @pytest.mark.slow
@@ -865,15 +834,13 @@ def test_interrupt_with_workers_stops_them_and_the_run_resumes(
     store = tmp_path / "s.sqlite"
     rng = random.Random(int(sig))
     with _proc(_cli_args("run", spec_file, "--store", store, "--quiet", "--jobs", "2")) as p:
-        _wait_for_workers(p)
-        time.sleep(rng.uniform(0.5, 3.0))
-        family = _descendants(p.popen.pid)
+        _while_workers_compute(p, rng)
+        family = descendants(p.popen.pid)
         p.signal(sig)
         rc = p.wait()
         err = p.stderr()
-    assert rc in (0, 130), err
-    if rc == 130:
-        _interrupted(err)
+    assert rc == 130, err
+    _interrupted(err)
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{q}").exists() for q in family) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -896,11 +863,8 @@ def test_sigkill_of_a_worker_retries_its_task(
     store = tmp_path / "s.sqlite"
     rng = random.Random(20)
     with _proc(_cli_args("run", spec_file, "--store", store, "--quiet", "--jobs", "2")) as p:
-        _wait_for_workers(p)
-        time.sleep(rng.uniform(0.1, 0.8))  # while they train (a kill in a shard: test_jobs.py)
-        workers = _workers(p.popen.pid)
-        assert workers, "the run ended before a worker could be killed"
-        os.kill(rng.choice(workers), signal.SIGKILL)
+        # while the workers train (a kill in a shard: test_jobs.py)
+        os.kill(_while_workers_compute(p, rng), signal.SIGKILL)
         rc = p.wait()
         err = p.stderr()
     assert rc == 0, err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import while_workers_compute
 
 from bench.assembly import build_defense
 from bench.environment import seed_everything
@@ -162,19 +163,21 @@ def test_kill_and_resume_stores_every_cell_once_and_matches_uninterrupted(tmp_pa
 
     store = tmp_path / "killed" / "s.sqlite"
     rng = random.Random(1234)
-    # 1) a SIGKILL at a random moment during the first cell (training or certification)
+    # 1) a SIGKILL at a random moment while the workers train the first cells (a moment in
+    # their CPU time: the whole run computes for well under a second per worker)
     proc = _start(spec, store)
-    time.sleep(rng.uniform(1.0, 4.0))
+    while_workers_compute(proc, rng, timeout=600, stderr=lambda: proc.stderr.read())
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     # 2) a SIGKILL right after the first cell was stored
     proc = _start(spec, store)
     deadline = time.time() + 600
     while _stored(store) < 1 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)  # the cells of this spec are stored within a second of each other
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    # 3) a SIGINT (Ctrl-C) during the next cell: clean exit status, nothing half-written
+    # 3) a SIGINT (Ctrl-C) at a random moment of the resumed run (its start-up, or the cells
+    # left): clean exit status, nothing half-written
     proc = _start(spec, store)
     time.sleep(rng.uniform(1.0, 3.0))
     proc.send_signal(signal.SIGINT)
